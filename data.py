@@ -1,0 +1,481 @@
+"""Preference data for DPO: load a dataset, check every row, tokenize, truncate, collate.
+
+DPO trains on pairs (x, y_w, y_l): a prompt x, a chosen completion y_w and a rejected one y_l. The loss needs
+log pi(y|x) summed over the completion tokens only (Rafailov et al., "Direct Preference Optimization: Your Language
+Model is Secretly a Reward Model", 2023, arXiv:2305.18290, Eq. 7), so every sequence carries a `completion_mask`
+(1 on completion tokens) next to its token ids.
+
+    prepare_dataset:  row --check--> (prompt, chosen, rejected) --EOS (strings only)--> tokenize
+                      --> prompt_ids, chosen_ids, rejected_ids --(a) max_prompt_length, (b) max_completion_length
+    collate:          B rows --(c) max_length, each sequence--> right-pad
+                      --> input_ids [2B, T] = [prompt+chosen rows; prompt+rejected rows], masks
+
+The rules are Hugging Face TRL 1.16's (`DPOTrainer._prepare_dataset`, `DataCollatorForPreference`); with (a) and (b)
+unset the batches equal TRL's token for token. Where this file differs from TRL 1.16, on purpose:
+  - `truncation_mode` defaults to "keep_end" (TRL: "keep_start"): cutting the start of a long prompt keeps the
+    response and its EOS, which is what the preference is about.
+  - `max_prompt_length` and `max_completion_length` exist (TRL removed them in v0.29).
+  - Rows whose chosen equals rejected, or with an empty completion, are dropped and counted (TRL keeps them; for an
+    implicit prompt where one answer is a prefix of the other, TRL's split lands one character or message early).
+  - A second BOS (text that already starts with the BOS string, on a tokenizer that adds one) is removed.
+  - Every row is checked, not only the first, and a bad row is a ValueError naming the row and the field.
+"""
+
+import json
+import random
+from pathlib import Path
+
+import datasets
+import torch
+
+TRUNCATION_MODES = ("keep_end", "keep_start")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+EVAL_SPLITS = ("test", "validation", "eval")  # used as the eval split, in this order, when eval_split is not given
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # suffix -> datasets builder
+
+# What prepare_dataset counts, and the line it prints for each kind (rows = preference pairs).
+COUNT_KINDS = {
+    "identical": "dropped: chosen == rejected, nothing to prefer",
+    "empty_completion": "dropped: empty chosen or rejected completion",
+    "prompt_too_long": "dropped: prompt alone has >= max_length tokens (keep_start would keep no completion token)",
+    "double_bos": "second BOS removed (the text already started with the BOS string)",
+    "prompt_boundary": "prompt's last tokens merge with the completion; the completion starts where they differ",
+    "prompt_truncated": "prompt cut by max_prompt_length",
+    "completion_truncated": "chosen and/or rejected cut by max_completion_length (first tokens kept)",
+    "max_length_truncated": "prompt+chosen and/or prompt+rejected longer than max_length, cut in collate",
+    "no_prompt_left": "keep_end: a completion alone fills max_length, so that sequence keeps no prompt token",
+    "identical_after_truncation": "chosen and rejected identical after truncation (no learning signal)",
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _file_format(path: Path) -> str | None:
+    """The datasets builder for a data file ("json", "parquet", "csv"), or None; `.gz` is read transparently."""
+    name = path.name.lower().removesuffix(".gz")
+    return FILE_FORMATS.get(Path(name).suffix)
+
+
+def load_preference_dataset(dataset: str, dataset_split: str = "train", eval_split: str | None = None,
+                            eval_fraction: float = 0.05,
+                            seed: int = 42) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+    """Load a preference dataset and return (train, eval).
+
+    `dataset` is a local .jsonl/.json/.parquet/.csv file (also .gz), a folder of such files named by split
+    (train.jsonl, test.jsonl, ...), a `save_to_disk` folder, or else a Hugging Face Hub name. Train is `dataset_split`.
+    Eval is `eval_split` if given; else the dataset's "test", "validation" or "eval" split; else a seeded, held-out
+    `eval_fraction` of train (the same rows on every run, disjoint from train; 0 means no eval set).
+    """
+    path = Path(dataset).expanduser()
+    if path.is_file():
+        if _file_format(path) is None:
+            raise ValueError(f"dataset {dataset!r}: unsupported file type; use .jsonl, .json, .parquet or .csv "
+                             "(or the same with .gz)")
+        splits = datasets.load_dataset(_file_format(path), data_files=str(path))  # one file is one split: "train"
+    elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+        splits = datasets.load_from_disk(str(path))
+    elif path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and _file_format(p))
+        if not files:
+            raise ValueError(f"dataset folder {dataset!r} has no .jsonl/.json/.parquet/.csv files and is not a "
+                             f"save_to_disk folder; it contains: {sorted(p.name for p in path.iterdir())}")
+        formats = {_file_format(p) for p in files}
+        if len(formats) > 1:
+            raise ValueError(f"dataset folder {dataset!r} mixes file types {sorted(formats)}; use one type")
+        data_files = {}  # split name = file name up to the first "." or "-": train.jsonl, test-00000-of-00001.parquet
+        for p in files:
+            data_files.setdefault(p.name.split(".")[0].split("-")[0], []).append(str(p))
+        splits = datasets.load_dataset(formats.pop(), data_files=data_files)
+    elif _file_format(path) or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:  # a path, not "org/name"
+        parent = path.parent if path.parent.is_dir() else None
+        found = f"; {parent} contains: {sorted(p.name for p in parent.iterdir())}" if parent else ""
+        raise FileNotFoundError(f"dataset {dataset!r} does not exist{found}")
+    else:
+        splits = datasets.load_dataset(dataset)
+    if isinstance(splits, datasets.Dataset):
+        splits = {"train": splits}
+
+    if dataset_split not in splits:
+        raise ValueError(f"split {dataset_split!r} not found in {dataset!r}; it has: {list(splits)} "
+                         "(set dataset_split)")
+    train = splits[dataset_split]
+    if eval_split is not None:
+        if eval_split not in splits:
+            raise ValueError(f"eval split {eval_split!r} not found in {dataset!r}; it has: {list(splits)} "
+                             "(set eval_split)")
+        return train, splits[eval_split]
+    for name in EVAL_SPLITS:
+        if name in splits and name != dataset_split:
+            return train, splits[name]
+
+    if not 0 <= eval_fraction < 1:
+        raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
+    if eval_fraction == 0:
+        return train, None
+    n_eval = max(1, round(eval_fraction * len(train)))
+    if n_eval >= len(train):
+        raise ValueError(f"eval_fraction={eval_fraction} of {len(train)} rows leaves no training rows")
+    # A seeded sample: the same rows are held out on every run, and train keeps its original order.
+    held_out = set(random.Random(seed).sample(range(len(train)), n_eval))
+    return (train.select([i for i in range(len(train)) if i not in held_out]),
+            train.select(sorted(held_out)))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checking rows and finding the prompt
+
+
+def extract_prompt(chosen, rejected):
+    """Split an implicit-prompt pair into (prompt, chosen, rejected).
+
+    The prompt is the longest common prefix of chosen and rejected: of characters for strings, of whole messages for
+    conversations. For strings, a space right before the split goes to the completions (TRL's rule), so
+    "the sky is blue" / "the sky is green" gives ("the sky is", " blue", " green"): " blue" tokenizes as a word that
+    follows the prompt.
+    """
+    n = common_prefix_length(chosen, rejected)
+    if isinstance(chosen, str) and n > 0 and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _check_messages(i, field, messages):
+    if not isinstance(messages, list):
+        raise ValueError(f"row {i}, field {field!r}: expected a list of messages (the dataset is conversational, "
+                         f"detected from row 0), got {type(messages).__name__}: {messages!r:.80}")
+    if not messages:
+        raise ValueError(f"row {i}, field {field!r}: empty message list; expected at least one "
+                         "{'role': ..., 'content': ...} message")
+    for j, message in enumerate(messages):
+        if not isinstance(message, dict) or "role" not in message or "content" not in message:
+            raise ValueError(f"row {i}, field {field!r}, message {j}: expected a dict with 'role' and 'content', "
+                             f"got {message!r:.80}")
+        if message["role"] not in ROLES:
+            raise ValueError(f"row {i}, field {field!r}, message {j}: role {message['role']!r} is not one of {ROLES}")
+        if not isinstance(message["content"], (str, list)) and not message.get("tool_calls"):
+            raise ValueError(f"row {i}, field {field!r}, message {j}: content must be a string, "
+                             f"got {type(message['content']).__name__}")
+
+
+def _check_row(i, row, conversational, explicit):
+    """(prompt, chosen, rejected) of row i, with the prompt extracted if implicit; a ValueError for a bad row."""
+    fields = ("prompt", "chosen", "rejected") if explicit else ("chosen", "rejected")
+    for field in fields:
+        if field not in row:
+            raise ValueError(f"row {i}: missing field {field!r}; every row needs {fields} (format detected from row 0)")
+        if conversational:
+            _check_messages(i, field, row[field])
+        elif not isinstance(row[field], str):
+            raise ValueError(f"row {i}, field {field!r}: expected a string (the dataset is in the standard format, "
+                             f"detected from row 0), got {type(row[field]).__name__}: {row[field]!r:.80}")
+    if explicit:
+        prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
+        if not prompt:
+            raise ValueError(f"row {i}, field 'prompt': empty prompt; DPO compares two answers to the same prompt")
+    else:
+        prompt, chosen, rejected = extract_prompt(row["chosen"], row["rejected"])
+        if not prompt:
+            raise ValueError(f"row {i}: 'chosen' and 'rejected' have no common beginning, so there is no prompt to "
+                             "extract (implicit-prompt format); add a 'prompt' field or fix the row")
+    return prompt, chosen, rejected
+
+
+def _template_kwargs(i, row):
+    """The per-row extras TRL passes to the chat template: `tools` (a list or a JSON string) and
+    `chat_template_kwargs` (a dict)."""
+    tools = row.get("tools")
+    if isinstance(tools, str):  # Arrow cannot store free-form JSON schemas, so datasets often keep tools as a string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"row {i}, field 'tools': not valid JSON ({e})") from None
+    if tools is not None and not isinstance(tools, list):
+        raise ValueError(f"row {i}, field 'tools': expected a list of tools, got {type(tools).__name__}")
+    kwargs = row.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"row {i}, field 'chat_template_kwargs': expected a dict, got {type(kwargs).__name__}")
+    return {"tools": tools, **kwargs}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenization
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad token id, else its EOS id (masks come from lengths, so a real EOS equal to the pad is
+    still scored)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    if tokenizer.eos_token_id is not None:
+        return tokenizer.eos_token_id
+    raise ValueError("the tokenizer has neither a pad token nor an EOS token; set tokenizer.pad_token")
+
+
+def common_prefix_length(ids, other_ids) -> int:
+    """Number of leading items (tokens, characters, messages) the two sequences share."""
+    n = 0
+    for a, b in zip(ids, other_ids):
+        if a != b:
+            break
+        n += 1
+    return n
+
+
+def _rows(dataset) -> list[dict]:
+    """A datasets.Dataset (only the columns used here) or a list of dicts, as a list of dicts."""
+    if isinstance(dataset, datasets.Dataset):
+        if not {"chosen", "rejected"} <= set(dataset.column_names):
+            raise ValueError(f"the dataset needs 'chosen' and 'rejected' columns (and optionally 'prompt'); "
+                             f"it has {dataset.column_names}")
+        used = ["prompt", "chosen", "rejected", "tools", "chat_template_kwargs",
+                "ref_chosen_logps", "ref_rejected_logps"]
+        return dataset.select_columns([c for c in used if c in dataset.column_names]).to_list()
+    return list(dataset)
+
+
+def _tokenize_rows(rows, tokenizer, counts):
+    """Check, split, add EOS to and tokenize every row; returns [(row index, prompt_ids, chosen_ids, rejected_ids)]
+    for the rows kept, untruncated. Drops are counted in `counts`."""
+    conversational = isinstance(rows[0].get("chosen"), list)
+    explicit = "prompt" in rows[0]
+    if conversational and tokenizer.chat_template is None:
+        raise ValueError("the dataset is conversational (lists of messages) but the tokenizer has no chat template; "
+                         "set tokenizer.chat_template or use plain strings")
+    if not conversational and tokenizer.eos_token is None:
+        raise ValueError("the tokenizer has no EOS token, which ends every standard (string) completion; "
+                         "set tokenizer.eos_token")
+
+    kept, texts = [], []  # texts: prompt, prompt+chosen, prompt+rejected for each kept row
+    for i, row in enumerate(rows):
+        prompt, chosen, rejected = _check_row(i, row, conversational, explicit)
+        if chosen == rejected:
+            counts["identical"] += 1
+            continue
+        if not chosen or not rejected:
+            counts["empty_completion"] += 1
+            continue
+        if conversational:
+            for field, completion in (("chosen", chosen), ("rejected", rejected)):
+                if completion[0]["role"] != "assistant":
+                    raise ValueError(f"row {i}, field {field!r}: the completion (after the prompt) must start with an "
+                                     f"assistant message, got role {completion[0]['role']!r}")
+            kwargs = _template_kwargs(i, row)
+            try:  # the prompt ends with the generation prompt ("<|assistant|>"); full conversations do not
+                texts += [tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **kwargs),
+                          tokenizer.apply_chat_template(prompt + chosen, tokenize=False, **kwargs),
+                          tokenizer.apply_chat_template(prompt + rejected, tokenize=False, **kwargs)]
+            except Exception as e:
+                raise ValueError(f"row {i}: the chat template failed on this row: {type(e).__name__}: {e}") from e
+        else:
+            # EOS ends each standard completion, so the model learns to stop (not added twice). Conversational
+            # completions already end with the template's end-of-turn token.
+            eos = tokenizer.eos_token
+            chosen = chosen if chosen.endswith(eos) else chosen + eos
+            rejected = rejected if rejected.endswith(eos) else rejected + eos
+            texts += [prompt, prompt + chosen, prompt + rejected]  # plain concatenation, as TRL: no separator
+        kept.append(i)
+
+    # One batched call for speed. Standard text gets the tokenizer's special tokens (its BOS, if any), as in TRL;
+    # a rendered chat already contains them, so adding them again would double the BOS.
+    ids = tokenizer(texts, add_special_tokens=not conversational)["input_ids"] if texts else []
+    bos = tokenizer.bos_token_id
+    out = []
+    for k, i in enumerate(kept):
+        prompt_ids, prompt_chosen_ids, prompt_rejected_ids = ids[3 * k: 3 * k + 3]
+        if bos is not None and prompt_ids[:2] == [bos, bos]:
+            counts["double_bos"] += 1
+            prompt_ids, prompt_chosen_ids, prompt_rejected_ids = (
+                x[1:] if x[:2] == [bos, bos] else x for x in (prompt_ids, prompt_chosen_ids, prompt_rejected_ids))
+        # The prompt alone can tokenize differently from the start of prompt+completion (tokens merging across the
+        # boundary, templates that render a generation prompt the full chat lacks). The completion starts where
+        # they diverge, and the prompt's divergent tail is left out (TRL 1.16).
+        prompt_len = min(common_prefix_length(prompt_ids, prompt_chosen_ids),
+                         common_prefix_length(prompt_ids, prompt_rejected_ids))
+        counts["prompt_boundary"] += prompt_len < len(prompt_ids)
+        chosen_ids, rejected_ids = prompt_chosen_ids[prompt_len:], prompt_rejected_ids[prompt_len:]
+        if chosen_ids == rejected_ids:
+            counts["identical"] += 1
+        elif not chosen_ids or not rejected_ids:
+            counts["empty_completion"] += 1
+        else:
+            out.append((i, prompt_ids[:prompt_len], chosen_ids, rejected_ids))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Truncation
+
+
+def _check_limits(max_length, max_prompt_length, max_completion_length, truncation_mode):
+    if truncation_mode not in TRUNCATION_MODES:
+        raise ValueError(f"truncation_mode must be 'keep_end' or 'keep_start', got {truncation_mode!r}")
+    for option, value in (("max_length", max_length), ("max_prompt_length", max_prompt_length),
+                          ("max_completion_length", max_completion_length)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{option} must be a positive integer or None, got {value!r}")
+
+
+def truncate_prompt_and_completions(prompt_ids, chosen_ids, rejected_ids, max_prompt_length=None,
+                                    max_completion_length=None, truncation_mode="keep_end"):
+    """Limits (a) and (b). (a) keep_end keeps the prompt's last tokens, the context next to the response (and loses
+    the BOS); keep_start its first. (b) each completion keeps its first tokens."""
+    if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+        keep = slice(-max_prompt_length, None) if truncation_mode == "keep_end" else slice(None, max_prompt_length)
+        prompt_ids = prompt_ids[keep]
+    if max_completion_length is not None:
+        chosen_ids, rejected_ids = chosen_ids[:max_completion_length], rejected_ids[:max_completion_length]
+    return prompt_ids, chosen_ids, rejected_ids
+
+
+def truncate_sequence(prompt_ids, completion_ids, max_length=None, truncation_mode="keep_end"):
+    """Limit (c): prompt+completion and its completion mask ([0]*len(prompt) + [1]*len(completion)), cut to
+    max_length: keep_start keeps row[:max_length] (may cut the completion's end and its EOS), keep_end keeps
+    row[-max_length:] (cuts the prompt's start; a completion longer than max_length loses its start too)."""
+    ids = prompt_ids + completion_ids
+    mask = [0] * len(prompt_ids) + [1] * len(completion_ids)
+    if max_length is not None:
+        keep = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
+        ids, mask = ids[keep], mask[keep]
+    return ids, mask
+
+
+def prepare_dataset(dataset, tokenizer, *, max_length: int | None = 1024, max_prompt_length: int | None = None,
+                    max_completion_length: int | None = None, truncation_mode: str = "keep_end",
+                    name: str = "train", verbose: bool = True, counts: dict | None = None) -> list[dict]:
+    """Check, tokenize and truncate a preference dataset; returns [{"prompt_ids", "chosen_ids", "rejected_ids"}]
+    in dataset order, dropped rows left out (plus "ref_chosen_logps"/"ref_rejected_logps" if the data has them).
+
+    The format (standard strings or conversational messages; explicit or implicit prompt) is detected from row 0,
+    and every row is checked against it. Truncation per row: (a) max_prompt_length, (b) max_completion_length here;
+    (c) max_length in `collate`, counted here. With keep_start, a row whose prompt alone has >= max_length tokens
+    is dropped; with keep_end it is kept and counted. Each kind of drop and truncation is printed once (verbose)
+    and stored in `counts` if a dict is passed (keys: COUNT_KINDS, plus "rows" and "kept").
+    """
+    _check_limits(max_length, max_prompt_length, max_completion_length, truncation_mode)
+    rows = _rows(dataset)
+    if not rows:
+        raise ValueError(f"the {name} dataset is empty")
+    counts = {} if counts is None else counts
+    counts.update(dict.fromkeys(COUNT_KINDS, 0))
+
+    examples = []
+    for i, prompt_ids, chosen_ids, rejected_ids in _tokenize_rows(rows, tokenizer, counts):
+        full = (len(prompt_ids), len(chosen_ids), len(rejected_ids))
+        prompt_ids, chosen_ids, rejected_ids = truncate_prompt_and_completions(
+            prompt_ids, chosen_ids, rejected_ids, max_prompt_length, max_completion_length, truncation_mode)
+        counts["prompt_truncated"] += len(prompt_ids) < full[0]
+        counts["completion_truncated"] += len(chosen_ids) < full[1] or len(rejected_ids) < full[2]
+        if max_length is not None:
+            if truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
+                counts["prompt_too_long"] += 1
+                continue
+            longest = max(len(chosen_ids), len(rejected_ids))
+            counts["max_length_truncated"] += len(prompt_ids) + longest > max_length
+            counts["no_prompt_left"] += truncation_mode == "keep_end" and longest >= max_length
+        chosen_seen = truncate_sequence(prompt_ids, chosen_ids, max_length, truncation_mode)
+        counts["identical_after_truncation"] += chosen_seen == truncate_sequence(prompt_ids, rejected_ids, max_length,
+                                                                                 truncation_mode)
+        example = {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if rows[i].get(key) is not None:
+                example[key] = rows[i][key]
+        examples.append(example)
+
+    counts["rows"], counts["kept"] = len(rows), len(examples)
+    if verbose:
+        print(f"[data] {name}: {len(examples)} of {len(rows)} pairs kept (max_length={max_length}, max_prompt_length="
+              f"{max_prompt_length}, max_completion_length={max_completion_length}, {truncation_mode})")
+        for kind, line in COUNT_KINDS.items():
+            if counts[kind]:
+                print(f"[data] {name}: {counts[kind]} pairs: {line}")
+    return examples
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collation and display
+
+
+def collate(examples: list[dict], pad_token_id: int, max_length: int | None = None, truncation_mode: str = "keep_end",
+            pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
+    """B pairs -> input_ids, attention_mask, completion_mask [2B, T] (long), right-padded.
+
+    Rows 0..B-1 are prompt+chosen, rows B..2B-1 prompt+rejected in the same order, so one forward pass scores both
+    and `logps.chunk(2)` splits them. Each row is cut on its own by (c) `truncate_sequence`, so the chosen and
+    rejected rows of one pair can keep different amounts of prompt under keep_end (TRL 1.16 does the same).
+    Adds ref_chosen_logps / ref_rejected_logps [B] when every example has them.
+    """
+    _check_limits(max_length, None, None, truncation_mode)
+    sequences = [truncate_sequence(ex["prompt_ids"], ex[key], max_length, truncation_mode)
+                 for key in ("chosen_ids", "rejected_ids") for ex in examples]
+    width = max(len(ids) for ids, _ in sequences)
+    if pad_to_multiple_of is not None:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    completion_mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, (ids, mask) in enumerate(sequences):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, :len(ids)] = 1
+        completion_mask[row, :len(ids)] = torch.tensor(mask, dtype=torch.long)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+    for key in ("ref_chosen_logps", "ref_rejected_logps"):
+        if all(key in ex for ex in examples):
+            batch[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.float32)
+    return batch
+
+
+def show_example(example: dict, tokenizer, max_length: int | None = None, truncation_mode: str = "keep_end",
+                 max_prompt_length: int | None = None, max_completion_length: int | None = None) -> str:
+    """One pair the way the model sees it: for prompt+chosen and prompt+rejected, each part (prompt, completion)
+    decoded with its token count, and every part cut by truncation marked with the limit that cut it.
+
+    `example` is a prepared row (from `prepare_dataset`; its (a)/(b) cuts are already gone, so only (c) shows) or a
+    raw dataset row in any of the four formats (then (a), (b) and (c) all show).
+    """
+    _check_limits(max_length, max_prompt_length, max_completion_length, truncation_mode)
+    if "prompt_ids" in example:
+        prompt_ids, chosen_ids, rejected_ids = example["prompt_ids"], example["chosen_ids"], example["rejected_ids"]
+    else:
+        counts = dict.fromkeys(COUNT_KINDS, 0)
+        tokenized = _tokenize_rows([example], tokenizer, counts)
+        if not tokenized:
+            return "this pair is dropped: " + "; ".join(COUNT_KINDS[k] for k, n in counts.items() if n)
+        _, prompt_ids, chosen_ids, rejected_ids = tokenized[0]
+    kept_prompt, kept_chosen, kept_rejected = truncate_prompt_and_completions(
+        prompt_ids, chosen_ids, rejected_ids, max_prompt_length, max_completion_length, truncation_mode)
+
+    lines = []
+    if max_length is not None and truncation_mode == "keep_start" and len(kept_prompt) >= max_length:
+        lines.append(f"(prepare_dataset drops this pair: {COUNT_KINDS['prompt_too_long'].removeprefix('dropped: ')})")
+    for name, completion_ids, kept_completion in (("chosen", chosen_ids, kept_chosen),
+                                                   ("rejected", rejected_ids, kept_rejected)):
+        # Tag every token with (part, what cut it or None), in text order, then print runs of equal tags.
+        if len(kept_prompt) == len(prompt_ids):
+            prompt_tags = [None] * len(prompt_ids)
+        elif truncation_mode == "keep_end":
+            prompt_tags = ["max_prompt_length"] * (len(prompt_ids) - len(kept_prompt)) + [None] * len(kept_prompt)
+        else:
+            prompt_tags = [None] * len(kept_prompt) + ["max_prompt_length"] * (len(prompt_ids) - len(kept_prompt))
+        completion_tags = ([None] * len(kept_completion)
+                           + ["max_completion_length"] * (len(completion_ids) - len(kept_completion)))
+        tokens = ([(t, "prompt", cut) for t, cut in zip(prompt_ids, prompt_tags)]
+                  + [(t, name, cut) for t, cut in zip(completion_ids, completion_tags)])
+        survivors = [k for k, (_, _, cut) in enumerate(tokens) if cut is None]
+        window, _ = truncate_sequence(survivors, [], max_length, truncation_mode)
+        for k in set(survivors) - set(window):
+            tokens[k] = (tokens[k][0], tokens[k][1], "max_length")
+        n_prompt = sum(1 for k in window if tokens[k][1] == "prompt")
+        lines.append(f"=== prompt + {name}: {len(window)} tokens seen by the model (prompt {n_prompt}, {name} "
+                     f"{len(window) - n_prompt}); max_length={max_length}, {truncation_mode} ===")
+        start = 0
+        for k in range(1, len(tokens) + 1):
+            if k == len(tokens) or tokens[k][1:] != tokens[start][1:]:
+                part, cut = tokens[start][1:]
+                n = k - start
+                label = f"{part}, {n} token{'s' * (n != 1)}" + (f", CUT by {cut}" if cut else "")
+                lines.append(f"[{label}]")
+                lines.append(tokenizer.decode([t for t, _, _ in tokens[start:k]]))
+                start = k
+    return "\n".join(lines)
