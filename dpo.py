@@ -1,0 +1,654 @@
+"""
+Direct Preference Optimization on one GPU, in one file that reads top to bottom.
+
+    python dpo.py                                   # the shipped tiny demo: offline, CPU, about two minutes
+    python dpo.py --model Qwen/Qwen2.5-0.5B-Instruct --dataset trl-lib/ultrafeedback_binarized
+    python dpo.py --model meta-llama/Llama-3.1-8B-Instruct --dataset ... --load_in_4bit   # QLoRA on 12-24 GB
+
+DPO (Rafailov et al. 2023, arXiv:2305.18290) trains a policy pi_theta on pairs (x, y_w, y_l) to raise the
+implicit reward  r(x, y) = beta * log pi_theta(y|x) / pi_ref(y|x)  of the preferred completion y_w above that of
+y_l, with the loss of Eq. 7:  -log sigmoid(r(x, y_w) - r(x, y_l)).  Everything the algorithm needs is here:
+the reference model (4 ways to get it), the concatenated forward pass that scores chosen and rejected
+completions in one call, the loss (losses.py), and a plain PyTorch training loop. Option names, loss formulas
+and metric names are those of Hugging Face TRL's DPOTrainer, so numbers can be compared.
+
+Read in this order: losses.py (the formulas), data.py (what a batch is), then this file from `main()`.
+"""
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+import data
+import losses
+
+HERE = Path(__file__).resolve().parent
+DEMO_MODEL = HERE / "assets" / "tiny-sentiment-lm"  # built by scripts/make_assets.py, see assets/README.md
+DEMO_DATASET = HERE / "assets" / "sentiment-prefs"
+# Settings the shipped demo uses for options left unset (a tiny model needs a far larger step than a 7B one).
+DEMO_DEFAULTS = dict(learning_rate=2e-3, max_length=128, logging_steps=10, eval_steps=50, sample_eval=64)
+
+
+@dataclass
+class Config:
+    # ---- model and data ----
+    model: str = field(default=str(DEMO_MODEL), metadata={"help": "policy: hub name or local folder (default: the shipped tiny demo model)"})
+    dataset: str = field(default=str(DEMO_DATASET), metadata={"help": "preference data: hub name, .jsonl/.json/.parquet/.csv file, or folder"})
+    ref_model: Optional[str] = field(default=None, metadata={"help": "reference model; default: the policy at step 0 (adapters off with LoRA)"})
+    dataset_split: str = field(default="train", metadata={"help": "split to train on"})
+    eval_split: Optional[str] = field(default=None, metadata={"help": "split to evaluate on (default: test/validation if present)"})
+    eval_fraction: float = field(default=0.05, metadata={"help": "held-out fraction of train when there is no eval split (0: no eval)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "run Python code shipped with the model (only for sources you trust)"})
+    # ---- the DPO objective (losses.py) ----
+    beta: float = field(default=0.1, metadata={"help": "KL strength beta: lower lets the policy move further from the reference"})
+    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={"help": f"one or several of {', '.join(losses.LOSS_TYPES)}"})
+    loss_weights: Optional[list[float]] = field(default=None, metadata={"help": "weights of the loss types (default: all 1)"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "epsilon: assumed label-flip rate (cDPO on sigmoid; robust, exo_pair, aot)"})
+    f_divergence_type: str = field(default="reverse_kl", metadata={"help": "reverse_kl, forward_kl, js_divergence or alpha_divergence (f-DPO)"})
+    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "alpha of alpha_divergence"})
+    discopop_tau: float = field(default=0.05, metadata={"help": "temperature of the discopop mixing gate"})
+    ld_alpha: Optional[float] = field(default=None, metadata={"help": "LD-DPO: weight of completion tokens past the shorter completion (1 = DPO)"})
+    use_weighting: bool = field(default=False, metadata={"help": "WPO: weight each pair by the policy's own probability of it"})
+    rpo_alpha: Optional[float] = field(default=None, metadata={"help": "RPO: add rpo_alpha * NLL of the chosen completion"})
+    reference_free: bool = field(default=False, metadata={"help": "take reference log-probs as 0 (no reference model at all)"})
+    simpo_gamma: float = field(default=0.5, metadata={"help": "target reward margin gamma of simpo"})
+    dpop_lambda: float = field(default=50.0, metadata={"help": "lambda of dpop (DPO-Positive)"})
+    rdpo_alpha: float = field(default=0.01, metadata={"help": "length penalty alpha of rdpo"})
+    # ---- tokenization (data.py) ----
+    max_length: Optional[int] = field(default=None, metadata={"help": "max tokens of prompt+completion (default 1024; demo 128)"})
+    max_prompt_length: Optional[int] = field(default=None, metadata={"help": "cut prompts to this many tokens first (optional)"})
+    max_completion_length: Optional[int] = field(default=None, metadata={"help": "cut completions to this many tokens (optional)"})
+    truncation_mode: str = field(default="keep_end", metadata={"help": "keep_end: cut the start of long rows; keep_start: cut the end"})
+    pad_to_multiple_of: Optional[int] = field(default=None, metadata={"help": "pad batch length to a multiple of this"})
+    show_examples: int = field(default=1, metadata={"help": "print this many training examples as the model sees them"})
+    # ---- optimisation ----
+    learning_rate: Optional[float] = field(default=None, metadata={"help": "peak lr (default 5e-6 with LoRA, 5e-7 full, demo 2e-3)"})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "linear, cosine or constant, after warmup"})
+    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps for linear warmup"})
+    warmup_steps: int = field(default=0, metadata={"help": "warmup steps (overrides warmup_ratio when > 0)"})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides num_train_epochs when > 0"})
+    per_device_train_batch_size: int = field(default=8, metadata={"help": "pairs per micro-batch (2x rows per forward)"})
+    per_device_eval_batch_size: int = field(default=8, metadata={"help": "pairs per evaluation batch"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: no clipping)"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
+    optim: str = field(default="adamw_torch", metadata={"help": "adamw_torch, rmsprop (the DPO paper's) or paged_adamw_8bit"})
+    seed: int = field(default=42, metadata={"help": "seed of everything: init, data order, sampling"})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 autocast (default: on where the GPU supports it)"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory, ~30% slower"})
+    # ---- reference model ----
+    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "score the data with the reference once, before training"})
+    sync_ref_model: bool = field(default=False, metadata={"help": "TR-DPO: move the reference towards the policy every ref_model_sync_steps"})
+    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO: ref <- (1-alpha) ref + alpha policy"})
+    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO: steps between reference updates"})
+    disable_dropout: bool = field(default=True, metadata={"help": "set every dropout to 0 (policy and reference see the same net)"})
+    # ---- LoRA / QLoRA ----
+    use_peft: bool = field(default=True, metadata={"help": "train LoRA adapters instead of all weights (--use_peft False: full)"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator (scale = alpha / r)"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (kept even with disable_dropout)"})
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "module names to adapt"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: frozen base in 4-bit NF4 (needs --use_peft)"})
+    merge_adapter: bool = field(default=False, metadata={"help": "also save the LoRA-merged full model"})
+    # ---- logging, evaluation, checkpoints ----
+    output_dir: Optional[str] = field(default=None, metadata={"help": "where everything is written (default runs/<time>)"})
+    logging_steps: int = field(default=10, metadata={"help": "steps between metric lines"})
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "steps between evaluations (default: only at the end)"})
+    save_steps: int = field(default=500, metadata={"help": "steps between checkpoints (0: none, but still on Ctrl-C)"})
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "checkpoint folder or 'latest' in output_dir"})
+    sample_eval: int = field(default=0, metadata={"help": "at the end, sample N held-out prompts from reference and policy"})
+    export_trl: bool = field(default=False, metadata={"help": "print the equivalent TRL command (multi-GPU) and exit"})
+
+
+def resolve(cfg: Config, argv: list[str]) -> Config:
+    """Fill the defaults that depend on other options, and reject contradictions before anything is loaded."""
+    given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
+    if cfg.model == str(DEMO_MODEL) and cfg.dataset == str(DEMO_DATASET):
+        for k, v in DEMO_DEFAULTS.items():
+            if k not in given:
+                setattr(cfg, k, v)
+    cfg.max_length = 1024 if cfg.max_length is None else cfg.max_length
+    cfg.learning_rate = cfg.learning_rate or (5e-6 if cfg.use_peft else 5e-7)
+    cfg.loss_type = losses.check_loss_config(**dataclasses.asdict(cfg))
+    problems = []
+    if cfg.load_in_4bit and not cfg.use_peft:
+        problems.append("--load_in_4bit trains adapters on a frozen 4-bit base: add --use_peft True (4-bit weights cannot be trained)")
+    if cfg.sync_ref_model and cfg.precompute_ref_log_probs:
+        problems.append("--sync_ref_model changes the reference during training, so its log-probs cannot be precomputed: drop one")
+    if cfg.sync_ref_model and cfg.use_peft:
+        problems.append("--sync_ref_model needs a separate reference model: use full fine-tuning (--use_peft False)")
+    if cfg.reference_free and (cfg.precompute_ref_log_probs or cfg.sync_ref_model or cfg.ref_model):
+        problems.append("--reference_free uses no reference model: drop --precompute_ref_log_probs/--sync_ref_model/--ref_model")
+    if cfg.truncation_mode not in ("keep_end", "keep_start"):
+        problems.append(f"--truncation_mode must be keep_end or keep_start, not {cfg.truncation_mode!r}")
+    if cfg.lr_scheduler_type not in ("linear", "cosine", "constant"):
+        problems.append(f"--lr_scheduler_type must be linear, cosine or constant, not {cfg.lr_scheduler_type!r}")
+    if cfg.optim not in ("adamw_torch", "rmsprop", "paged_adamw_8bit"):
+        problems.append(f"--optim must be adamw_torch, rmsprop or paged_adamw_8bit, not {cfg.optim!r}")
+    if cfg.bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+        problems.append("--bf16 True needs a CUDA GPU with bf16 support; on this machine run in fp32 (leave --bf16 unset)")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
+        if getattr(cfg, name) < 1:
+            problems.append(f"--{name} must be at least 1")
+    if problems:
+        raise SystemExit("dpo.py: invalid options:\n  - " + "\n  - ".join(problems))
+    if cfg.bf16 is None:
+        cfg.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if cfg.output_dir is None:
+        if cfg.resume_from_checkpoint not in (None, "latest"):
+            cfg.output_dir = str(Path(cfg.resume_from_checkpoint).resolve().parent)
+        else:
+            cfg.output_dir = os.path.join("runs", time.strftime("dpo-%Y%m%d-%H%M%S"))
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model and reference
+
+
+def load_model(cfg: Config, name: str, device: torch.device, trainable: bool):
+    """AutoModelForCausalLM, in 4-bit NF4 for QLoRA; frozen weights in bf16 where bf16 is on, trained ones in fp32."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    compute_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+    quantization = None
+    if cfg.load_in_4bit:  # QLoRA (Dettmers et al. 2023, arXiv:2305.14314): NF4 + double quantisation
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=compute_dtype)
+    if cfg.trust_remote_code:
+        print(f"warning: --trust_remote_code runs Python code from {name}; do this only for sources you trust")
+    # Full fine-tuning keeps fp32 master weights (bf16 only in autocast); LoRA's frozen base can live in bf16.
+    dtype = torch.float32 if (trainable and not cfg.use_peft) else compute_dtype
+    model = AutoModelForCausalLM.from_pretrained(
+        name, dtype=dtype, quantization_config=quantization, trust_remote_code=cfg.trust_remote_code,
+        device_map={"": device} if quantization else None)
+    if not quantization:
+        model.to(device)
+    if cfg.disable_dropout:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+    if not trainable:
+        return model.eval().requires_grad_(False)
+    if cfg.load_in_4bit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        # peft upcasts every non-4-bit weight to fp32 (the paper's stability advice for norms); the embedding and the
+        # LM head are frozen and large (1B params on Llama-3-8B), so they go back to the compute dtype.
+        for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+            module.to(compute_dtype)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.use_peft:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_target_modules[0] if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
+        lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                          target_modules=targets, task_type="CAUSAL_LM")
+        model = get_peft_model(model, lora)  # LoRA B starts at 0: at step 0 the policy *is* the reference
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()
+    return model.train()
+
+
+@contextlib.contextmanager
+def reference(model, ref_model):
+    """The reference model: a separate frozen model, or (LoRA) the policy itself with its adapters switched off."""
+    with torch.no_grad():
+        if ref_model is not None:
+            yield ref_model
+        else:
+            with model.disable_adapter():  # the same weights minus LoRA: no second copy in memory
+                yield model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The concatenated forward pass: chosen and rejected rows of a batch go through the model in one call.
+
+
+def completion_logps_naive(model, batch):
+    """The readable reference: full log-softmax over the vocabulary at every position, then pick the next token.
+    Memory is [2B, T, V] floats; `completion_logps` computes the same numbers without that tensor."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t+1
+    token_logps = logps.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    return token_logps * batch["completion_mask"][:, 1:]  # [2B, T-1], zero outside completions
+
+
+def _score_tokens(hidden, lm_head, labels, softcap, with_wpo):
+    """log p(label) = z_label - logsumexp(z), in fp32, for a chunk of hidden states [N, H]."""
+    logits = lm_head(hidden).float()
+    if softcap:  # Gemma-2 style final-logit soft-capping
+        logits = softcap * torch.tanh(logits / softcap)
+    log_z = logits.logsumexp(-1)
+    token_logps = logits.gather(-1, labels[:, None]).squeeze(-1) - log_z
+    logits_mean = logits.detach().mean(-1)  # for the logits/chosen|rejected metrics
+    # WPO: log sum_v p_v^2 = logsumexp(2z) - 2 logsumexp(z), no gradient
+    log_sum_sq = (2 * logits.detach()).logsumexp(-1) - 2 * log_z.detach() if with_wpo else logits_mean
+    return token_logps, logits_mean, log_sum_sq
+
+
+def completion_logps(model, batch, with_wpo=False, chunk_tokens=1024):
+    """Per-token log-probs of the completion tokens, [2B, T-1], projecting only completion positions through the LM
+    head, in chunks whose [N, V] logits are recomputed in backward rather than kept (the full-vocabulary logits are
+    the largest tensor of a DPO step). Returns (token_logps, stats) with stats for the metrics and WPO."""
+    mask = batch["completion_mask"][:, 1:].bool()
+    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
+    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
+    where = mask.nonzero(as_tuple=True)  # (row, position) of every scored token
+    hidden, labels = hidden[:, :-1][where], batch["input_ids"][:, 1:][where]
+    softcap = getattr(model.config, "final_logit_softcapping", None)
+    pieces = []
+    for start in range(0, max(len(labels), 1), chunk_tokens):  # at least one (possibly empty) chunk
+        args = (hidden[start:start + chunk_tokens], lm_head, labels[start:start + chunk_tokens], softcap, with_wpo)
+        if torch.is_grad_enabled():  # keep only the hidden states; the chunk's logits are recomputed in backward
+            pieces.append(torch.utils.checkpoint.checkpoint(_score_tokens, *args, use_reentrant=False))
+        else:
+            pieces.append(_score_tokens(*args))
+    token_logps, logits_mean, log_sum_sq = (torch.cat(parts) for parts in zip(*pieces))
+    per_token = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).index_put(where, token_logps)
+    stats = {"logits_sum": torch.zeros(mask.shape[0], device=mask.device).index_add(0, where[0], logits_mean)}
+    if with_wpo:
+        stats["log_sum_sq"] = torch.zeros(mask.shape, device=mask.device).index_put(where, log_sum_sq)
+    return per_token, stats
+
+
+def sequence_logps(per_token, completion_mask, ld_alpha=None):
+    """Sum of completion log-probs per row -> [2B]. LD-DPO (Liu et al. 2024, arXiv:2409.06411) down-weights by
+    ld_alpha the tokens past the shorter completion of the pair, so length alone does not decide the margin."""
+    if ld_alpha is None:
+        return per_token.sum(1)
+    mask = completion_mask[:, 1:]
+    position = mask.cumsum(1)  # 1-based index of each completion token
+    chosen_len, rejected_len = mask.sum(1).chunk(2)
+    shared = torch.minimum(chosen_len, rejected_len).repeat(2)[:, None]
+    return (per_token * (position <= shared)).sum(1) + ld_alpha * (per_token * (position > shared)).sum(1)
+
+
+def dpo_step(cfg: Config, model, ref_model, batch):
+    """One concatenated forward of policy (and reference), the loss, and the metrics of this micro-batch."""
+    B = batch["input_ids"].shape[0] // 2
+    mask = batch["completion_mask"][:, 1:]
+    per_token, stats = completion_logps(model, batch, with_wpo=cfg.use_weighting)
+    logps = sequence_logps(per_token, batch["completion_mask"], cfg.ld_alpha)
+    if cfg.reference_free:
+        ref_logps = torch.zeros_like(logps)
+    elif "ref_chosen_logps" in batch:  # precomputed once before training
+        ref_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+    else:
+        with reference(model, ref_model) as ref:
+            ref_logps = sequence_logps(completion_logps(ref, batch)[0], batch["completion_mask"], cfg.ld_alpha)
+    lengths = batch["completion_mask"].sum(1).clamp(min=1)  # TRL's |y| for the length-normalised losses
+    pair_weights = None
+    if cfg.use_weighting:  # WPO (Zhou et al. 2024, arXiv:2406.11827, Eq. 2), no gradient through the weights
+        w = torch.exp(((per_token.detach() - stats["log_sum_sq"]) * mask).sum(1) / mask.sum(1).clamp(min=1))
+        pair_weights = w[:B] * w[B:]
+    nll_loss = -per_token[:B].sum() / mask[:B].sum().clamp(min=1)  # token-mean NLL of the chosen completions
+    pair_losses, chosen_rewards, rejected_rewards = losses.dpo_loss(
+        logps[:B], logps[B:], ref_logps[:B], ref_logps[B:], loss_type=cfg.loss_type, beta=cfg.beta,
+        loss_weights=cfg.loss_weights, chosen_lengths=lengths[:B], rejected_lengths=lengths[B:],
+        label_smoothing=cfg.label_smoothing, f_divergence_type=cfg.f_divergence_type,
+        f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, discopop_tau=cfg.discopop_tau, rpo_alpha=cfg.rpo_alpha,
+        reference_free=cfg.reference_free, simpo_gamma=cfg.simpo_gamma, dpop_lambda=cfg.dpop_lambda,
+        rdpo_alpha=cfg.rdpo_alpha, pair_weights=pair_weights, nll_loss=nll_loss)
+    tokens = mask.sum(1).clamp(min=1)
+    metrics = {  # TRL's names and formulas
+        "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        "logps/chosen": logps[:B].detach().mean(), "logps/rejected": logps[B:].detach().mean(),
+        "logits/chosen": stats["logits_sum"][:B].sum() / tokens[:B].sum(),
+        "logits/rejected": stats["logits_sum"][B:].sum() / tokens[B:].sum(),
+    }
+    if "sft" in cfg.loss_type or cfg.rpo_alpha:
+        metrics["nll_loss"] = nll_loss.detach()
+    return pair_losses.mean(), {k: v.detach() for k, v in metrics.items()}
+
+
+@torch.no_grad()
+def evaluate(cfg, model, ref_model, examples, pad_id, autocast):
+    """The same loss and metrics on held-out pairs, averaged over batches, with names prefixed eval_."""
+    was_training = model.training
+    model.eval()
+    totals, n = {}, 0
+    for i in range(0, len(examples), cfg.per_device_eval_batch_size):
+        batch = to_device(collate_batch(cfg, examples[i:i + cfg.per_device_eval_batch_size], pad_id), model.device)
+        with autocast():
+            loss, metrics = dpo_step(cfg, model, ref_model, batch)
+        for k, v in {"loss": loss, **metrics}.items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+        n += 1
+    model.train(was_training)
+    return {f"eval_{k}": v / n for k, v in totals.items()}
+
+
+@torch.no_grad()
+def precompute_reference(cfg, model, ref_model, examples, pad_id, autocast, name):
+    """One pass of the reference over the data before training; its log-probs are stored in each example."""
+    for i in tqdm(range(0, len(examples), cfg.per_device_eval_batch_size), desc=f"reference log-probs ({name})"):
+        chunk = examples[i:i + cfg.per_device_eval_batch_size]
+        batch = to_device(collate_batch(cfg, chunk, pad_id), model.device)
+        with autocast(), reference(model, ref_model) as ref:
+            logps = sequence_logps(completion_logps(ref, batch)[0], batch["completion_mask"], cfg.ld_alpha).cpu()
+        for j, ex in enumerate(chunk):
+            ex["ref_chosen_logps"], ex["ref_rejected_logps"] = float(logps[j]), float(logps[len(chunk) + j])
+
+
+def collate_batch(cfg, examples, pad_id):
+    return data.collate(examples, pad_id, cfg.max_length, cfg.truncation_mode, cfg.pad_to_multiple_of)
+
+
+def to_device(batch, device):
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoints: written to a temporary folder, then renamed into place, so a crash never leaves half of one.
+
+
+def trainable_state(model):
+    return {k: v.detach().cpu().contiguous() for k, v in model.named_parameters() if v.requires_grad}
+
+
+def save_checkpoint(cfg, step, model, ref_model, optimizer, scheduler):
+    out = Path(cfg.output_dir)
+    final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainable_state(model), tmp / "trainable.safetensors")
+    if cfg.sync_ref_model:  # TR-DPO changes the reference too
+        save_file({k: v.detach().cpu().contiguous() for k, v in ref_model.state_dict().items()}, tmp / "ref_model.safetensors")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    rng = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state()
+    save_file(rng, tmp / "rng.safetensors")
+    (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # atomic: the checkpoint exists whole or not at all
+    if cfg.save_total_limit:
+        for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-cfg.save_total_limit]:
+            shutil.rmtree(old)
+    return final
+
+
+def find_checkpoint(cfg):
+    if cfg.resume_from_checkpoint != "latest":
+        return Path(cfg.resume_from_checkpoint)
+    found = sorted(Path(cfg.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    if not found:
+        raise SystemExit(f"dpo.py: --resume_from_checkpoint latest: no checkpoint-* folder in {cfg.output_dir}")
+    return found[-1]
+
+
+def load_checkpoint(path, model, ref_model, optimizer, scheduler):
+    """Restore weights, optimizer, scheduler and RNG. Only tensors and plain containers are unpickled
+    (weights_only=True): a checkpoint from elsewhere cannot run code here."""
+    try:
+        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle.UnpicklingError for anything but tensors and plain data
+        raise SystemExit(f"dpo.py: refusing {path / 'optimizer.pt'}: it holds more than tensors and plain data "
+                         f"({type(err).__name__}); delete the checkpoint or start without --resume_from_checkpoint") from None
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k, v in load_file(path / "trainable.safetensors").items():
+            params[k].copy_(v)
+        if (path / "ref_model.safetensors").exists():
+            ref_model.load_state_dict(load_file(path / "ref_model.safetensors"))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    rng = load_file(path / "rng.safetensors")
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    return json.loads((path / "trainer_state.json").read_text())["global_step"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def make_optimizer(cfg, model):
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]  # biases and norms
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optim == "rmsprop":  # the DPO paper's optimizer (App. B): as good as Adam, half the state
+        return torch.optim.RMSprop(groups, lr=cfg.learning_rate)
+    if cfg.optim == "paged_adamw_8bit":
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW8bit(groups, lr=cfg.learning_rate)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8)
+
+
+def main(cfg: Config):
+    from transformers import AutoTokenizer, get_scheduler
+
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(json.dumps(dataclasses.asdict(cfg), indent=1))
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+
+    # ---- data: rows -> token ids (data.py); the same truncation for training, evaluation and precompute ----
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    pad_id = data.pad_token_id(tokenizer)
+    train_rows, eval_rows = data.load_preference_dataset(cfg.dataset, cfg.dataset_split, cfg.eval_split, cfg.eval_fraction, cfg.seed)
+    limits = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                  max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode)
+    train_set = data.prepare_dataset(train_rows, tokenizer, name="train", **limits)
+    eval_set = data.prepare_dataset(eval_rows, tokenizer, name="eval", **limits) if eval_rows is not None else []
+    for ex in train_set[:cfg.show_examples]:
+        print(data.show_example(ex, tokenizer, cfg.max_length, cfg.truncation_mode))
+
+    # ---- models: the policy, and the reference in one of four ways ----
+    model = load_model(cfg, cfg.model, device, trainable=True)
+    ref_model = None  # LoRA: the policy with adapters off
+    if cfg.ref_model or (not cfg.use_peft and not cfg.reference_free):
+        ref_model = load_model(cfg, cfg.ref_model, device, False) if cfg.ref_model else copy.deepcopy(model).eval().requires_grad_(False)
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    print(f"trainable parameters: {n_train:,} of {sum(p.numel() for p in model.parameters()):,}")
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
+
+    if cfg.precompute_ref_log_probs:
+        key = hashlib.sha256(json.dumps([cfg.model, cfg.ref_model, cfg.ld_alpha, cfg.load_in_4bit, cfg.bf16, limits,
+                                         [[e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]] for e in train_set + eval_set]]).encode()).hexdigest()[:16]
+        cache = out / f"ref_logps-{key}.safetensors"
+        if cache.exists():
+            cached = load_file(cache)
+            for ex, c, r in zip(train_set + eval_set, cached["chosen"].tolist(), cached["rejected"].tolist()):
+                ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
+        else:
+            precompute_reference(cfg, model, ref_model, train_set, pad_id, autocast, "train")
+            precompute_reference(cfg, model, ref_model, eval_set, pad_id, autocast, "eval")
+            both = train_set + eval_set
+            save_file({"chosen": torch.tensor([e["ref_chosen_logps"] for e in both]),
+                       "rejected": torch.tensor([e["ref_rejected_logps"] for e in both])}, cache)
+        ref_model = None  # never run again: free its memory
+
+    # ---- optimizer and schedule ----
+    batches_per_epoch = math.ceil(len(train_set) / cfg.per_device_train_batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.gradient_accumulation_steps)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    warmup = cfg.warmup_steps or math.ceil(cfg.warmup_ratio * total_steps)
+    optimizer = make_optimizer(cfg, model)
+    scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.lr_scheduler_type, cfg.lr_scheduler_type),
+                              optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
+    step = 0
+    if cfg.resume_from_checkpoint:
+        checkpoint = find_checkpoint(cfg)
+        step = load_checkpoint(checkpoint, model, ref_model, optimizer, scheduler)
+        print(f"resumed from {checkpoint} at step {step}")
+    metrics_file = out / "metrics.jsonl"
+    kept = [l for l in metrics_file.read_text().splitlines() if json.loads(l)["step"] <= step] if metrics_file.exists() else []
+    metrics_file.write_text("".join(l + "\n" for l in kept))  # a resumed run rewrites what came after its checkpoint
+
+    def log(record):
+        with metrics_file.open("a") as f:
+            f.write(json.dumps({"step": step, **record}) + "\n")
+
+    # ---- the loop ----
+    stop = {"signal": False}
+    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))  # Ctrl-C: finish the step, save, exit
+    window, window_tokens, window_start = {}, 0, time.time()
+    bar = tqdm(total=total_steps, initial=step, desc="dpo", dynamic_ncols=True)
+    last_checkpoint = None
+    try:
+        while step < total_steps and not stop["signal"]:
+            epoch, offset = divmod(step, steps_per_epoch)
+            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+            micro = [order[i:i + cfg.per_device_train_batch_size] for i in range(0, len(order), cfg.per_device_train_batch_size)]
+            group = micro[offset * cfg.gradient_accumulation_steps:(offset + 1) * cfg.gradient_accumulation_steps]
+            pairs_in_step = sum(len(ids) for ids in group)
+            step_loss = 0.0
+            for ids in group:
+                batch = collate_batch(cfg, [train_set[i] for i in ids], pad_id)
+                window_tokens += int(batch["attention_mask"].sum())
+                batch = to_device(batch, device)
+                with autocast():
+                    loss, metrics = dpo_step(cfg, model, ref_model, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss ({float(loss)}) at step {step + 1}")
+                # weight each micro-batch by its share of the step's pairs: k micro-batches = one batch k times larger
+                (loss * len(ids) / pairs_in_step).backward()
+                step_loss += loss.detach() * len(ids) / pairs_in_step
+                for k, v in metrics.items():
+                    window.setdefault(k, []).append(v)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                       cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            window.setdefault("loss", []).append(step_loss)
+            window.setdefault("grad_norm", []).append(grad_norm.detach())  # measured before clipping
+            if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:  # TR-DPO (Gorbatovski et al. 2024)
+                with torch.no_grad():
+                    for p_ref, p in zip(ref_model.parameters(), model.parameters()):
+                        p_ref.lerp_(p.to(p_ref.dtype), cfg.ref_model_mixup_alpha)
+
+            if step % cfg.logging_steps == 0 or step == total_steps:
+                record = {k: torch.stack(v).float().mean().item() for k, v in window.items()}  # one sync per window
+                record.update(learning_rate=lr, epoch=step / steps_per_epoch,
+                              tokens_per_second=window_tokens / (time.time() - window_start))
+                if device.type == "cuda":
+                    record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                log(record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
+                                margin=f"{record['rewards/margins']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+                tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in {"step": step, **record}.items()))
+                window, window_tokens, window_start = {}, 0, time.time()
+            if eval_set and cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
+                record = evaluate(cfg, model, ref_model, eval_set, pad_id, autocast)
+                log(record)
+                tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in {"step": step, **record}.items()))
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                last_checkpoint = save_checkpoint(cfg, step, model, ref_model, optimizer, scheduler)
+            bar.update(1)
+    except FloatingPointError as err:
+        raise SystemExit(f"dpo.py: {err}. Training stopped; the last good checkpoint is "
+                         f"{last_checkpoint or 'none (no checkpoint was saved yet)'}. Lower --learning_rate or --beta, "
+                         "or check the data for empty completions.") from None
+    except torch.cuda.OutOfMemoryError:
+        raise SystemExit("dpo.py: out of GPU memory. Reduce it with: --per_device_train_batch_size 1 with "
+                         "--gradient_accumulation_steps N, --gradient_checkpointing, --max_length, --load_in_4bit, "
+                         "--precompute_ref_log_probs (no reference forward), or --optim paged_adamw_8bit.") from None
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous_handler)
+    if stop["signal"]:
+        path = save_checkpoint(cfg, step, model, ref_model, optimizer, scheduler)
+        raise SystemExit(f"interrupted: saved {path}; continue with --resume_from_checkpoint {path}")
+
+    # ---- the end: evaluation, the model, curves, samples ----
+    final_eval = evaluate(cfg, model, ref_model, eval_set, pad_id, autocast) if eval_set else {}
+    if final_eval:
+        log(final_eval)
+        print(" ".join(f"{k}={v:.4g}" for k, v in final_eval.items()))
+    save_model(cfg, model, tokenizer, out)
+    plot_curves(metrics_file, out / "curves.png")
+    if cfg.sample_eval and eval_set:
+        from sample_eval import sample_eval
+
+        prompts = [tokenizer.decode(ex["prompt_ids"], skip_special_tokens=True) for ex in eval_set[:cfg.sample_eval]]
+        reward_fn = None
+        if Path(cfg.dataset).resolve() == DEMO_DATASET:  # the shipped task has a programmatic ground truth
+            from sentiment import sentiment_score as reward_fn
+        if ref_model is None and not cfg.use_peft:  # full fine-tuning after precompute: reload the reference to sample it
+            ref_model = load_model(cfg, cfg.ref_model or cfg.model, device, trainable=False)
+        result = sample_eval(model, tokenizer, prompts, reference=ref_model, reward_fn=reward_fn, seed=cfg.seed)
+        (out / "sample_eval.json").write_text(json.dumps(result, indent=1))
+    return final_eval
+
+
+def save_model(cfg, model, tokenizer, out):
+    """Full fine-tuning: the model; LoRA: the adapter (AutoPeftModelForCausalLM loads it), and with
+    --merge_adapter also the merged model. Always safetensors."""
+    model.save_pretrained(out / "model", safe_serialization=True)
+    tokenizer.save_pretrained(out / "model")
+    if cfg.use_peft and cfg.merge_adapter:
+        if cfg.load_in_4bit:
+            print("note: --merge_adapter with --load_in_4bit: reload the base in bf16 and merge with peft; skipped here")
+        else:
+            copy.deepcopy(model).merge_and_unload().save_pretrained(out / "merged", safe_serialization=True)
+            tokenizer.save_pretrained(out / "merged")
+    print(f"saved the model in {out / 'model'}")
+
+
+def plot_curves(metrics_file, png):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(l) for l in metrics_file.read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
+    for ax, keys in zip(axes, (["loss"], ["rewards/accuracies"], ["rewards/margins"], ["rewards/chosen", "rewards/rejected"])):
+        for k in keys:
+            ax.plot([r["step"] for r in train], [r[k] for r in train], label=k)
+            if evals:
+                ax.plot([r["step"] for r in evals], [r["eval_" + k] for r in evals], "o--", label="eval_" + k)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+
+
+def parse_args(argv):
+    from transformers import HfArgumentParser
+
+    (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)
+    return resolve(cfg, argv)
+
+
+if __name__ == "__main__":
+    config = parse_args(sys.argv[1:])
+    if config.export_trl:
+        from export_trl import export_trl_command
+
+        print(export_trl_command(config, sys.argv[1:]))
+    else:
+        main(config)
