@@ -9,7 +9,7 @@ import shlex
 # Options whose name and meaning are the same in TRL's DPOConfig / ModelConfig / ScriptArguments.
 SAME = ["beta", "loss_type", "loss_weights", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
         "discopop_tau", "ld_alpha", "use_weighting", "max_length", "truncation_mode", "learning_rate",
-        "warmup_ratio", "warmup_steps", "num_train_epochs", "max_steps", "per_device_train_batch_size",
+        "warmup_steps", "num_train_epochs", "max_steps", "per_device_train_batch_size",
         "per_device_eval_batch_size", "gradient_accumulation_steps", "max_grad_norm", "weight_decay", "optim", "seed",
         "bf16", "gradient_checkpointing", "precompute_ref_log_probs", "sync_ref_model", "ref_model_mixup_alpha",
         "ref_model_sync_steps", "disable_dropout", "logging_steps", "save_steps", "save_total_limit", "output_dir",
@@ -19,7 +19,7 @@ RENAMED = {"model": "model_name_or_path", "dataset": "dataset_name", "dataset_sp
            "eval_split": "dataset_test_split"}
 # Always written out: their defaults differ between the two projects, or the value was resolved at start.
 DIFFERENT_DEFAULTS = {"model", "dataset", "output_dir", "truncation_mode", "learning_rate", "num_train_epochs",
-                      "gradient_checkpointing", "bf16", "optim", "max_length", "use_peft"}
+                      "gradient_checkpointing", "optim", "max_length", "use_peft"}
 LORA = {"lora_r", "lora_alpha", "lora_dropout", "lora_target_modules"}
 OURS_ONLY = {  # option -> what to do in TRL instead
     "ref_model": "TRL's script loads the reference from --model_name_or_path; pass ref_model= to DPOTrainer in Python",
@@ -50,6 +50,8 @@ def export_trl_command(cfg, argv, num_processes=8, accelerate_config="multi_gpu"
         elif name == "rpo_alpha" and value:  # RPO = DPO + alpha * NLL: TRL's multi-loss says exactly that
             args["loss_type"] = cfg.loss_type + ["sft"]
             args["loss_weights"] = (cfg.loss_weights or [1.0] * len(cfg.loss_type)) + [value]
+        elif name == "warmup_ratio" and not cfg.warmup_steps:  # transformers 5: a float < 1 in warmup_steps is a ratio
+            args["warmup_steps"] = value
         elif name == "eval_steps":
             args.update(eval_strategy="steps", eval_steps=value)
         elif name in OURS_ONLY:
