@@ -616,16 +616,13 @@ def save_model(cfg, model, tokenizer, out):
 
 
 def plot_curves(metrics_file, png):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch (notebooks keep their inline plots)
 
     records = [json.loads(l) for l in metrics_file.read_text().splitlines()]
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
-    for ax, keys in zip(axes, (["loss"], ["rewards/accuracies"], ["rewards/margins"], ["rewards/chosen", "rewards/rejected"])):
+    fig = Figure(figsize=(18, 3.6))
+    for ax, keys in zip(fig.subplots(1, 4), (["loss"], ["rewards/accuracies"], ["rewards/margins"], ["rewards/chosen", "rewards/rejected"])):
         for k in keys:
             ax.plot([r["step"] for r in train], [r[k] for r in train], label=k)
             if evals:
@@ -634,7 +631,6 @@ def plot_curves(metrics_file, png):
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
-    plt.close(fig)
 
 
 def parse_args(argv):
