@@ -91,7 +91,7 @@ class Config:
     optim: str = field(default="adamw_torch", metadata={"help": "adamw_torch, rmsprop (the DPO paper's) or paged_adamw_8bit"})
     seed: int = field(default=42, metadata={"help": "seed of everything: init, data order, sampling"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 autocast (default: on where the GPU supports it)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory, ~30% slower"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory, ~30%% slower"})
     # ---- reference model ----
     precompute_ref_log_probs: bool = field(default=False, metadata={"help": "score the data with the reference once, before training"})
     sync_ref_model: bool = field(default=False, metadata={"help": "TR-DPO: move the reference towards the policy every ref_model_sync_steps"})
@@ -464,7 +464,10 @@ def main(cfg: Config):
     model = load_model(cfg, cfg.model, device, trainable=True)
     ref_model = None  # LoRA: the policy with adapters off
     if cfg.ref_model or (not cfg.use_peft and not cfg.reference_free):
-        ref_model = load_model(cfg, cfg.ref_model, device, False) if cfg.ref_model else copy.deepcopy(model).eval().requires_grad_(False)
+        if cfg.ref_model:
+            ref_model = load_model(cfg, cfg.ref_model, device, trainable=False)
+        else:  # a frozen copy of the policy at step 0, in the compute dtype (bf16 halves it; autocast computes in bf16 anyway)
+            ref_model = copy.deepcopy(model).to(torch.bfloat16 if cfg.bf16 else torch.float32).eval().requires_grad_(False)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable parameters: {n_train:,} of {sum(p.numel() for p in model.parameters()):,}")
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731

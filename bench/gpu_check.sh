@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU check: one H100, under 8 minutes, nothing downloaded (random weights of real architectures).
+#   (a) QLoRA DPO of a Llama-3.1-8B-sized model through dpo.py, max_length 1024, one pair per micro-batch,
+#       8 micro-batches per step, gradient checkpointing: peak CUDA memory (target <= 12 GiB) and tokens/s.
+#   (b) full bf16 DPO of a Qwen2.5-0.5B-sized model, dpo.py vs TRL 1.16: tokens/s, peak memory, MFU.
+#
+#   bash bench/gpu_check.sh [RESULT.json]          # default: $OUT/gpu_check.json, else ./gpu_check.json
+#   SIZE=tiny bash bench/gpu_check.sh /tmp/x.json  # the same steps at tiny sizes on CPU (~3 min): a smoke test
+#   bash bench/gpu_check.sh --cpu-smoke /tmp/x.json
+#
+# Needs requirements-dev.txt installed (torch with CUDA, bitsandbytes, trl); PYTHON picks the interpreter.
+# Each part has its own time limit and writes its own key of the JSON, so one failing does not lose the other.
+set -uo pipefail
+if [ "${1:-}" = "--cpu-smoke" ]; then SIZE=tiny; shift; fi
+SIZE=${SIZE:-full}
+RESULT=$(realpath -m "${1:-${OUT:-.}/gpu_check.json}")  # absolute: the script changes directory next
+PY=${PYTHON:-python}
+cd "$(dirname "$0")/.."
+mkdir -p "$(dirname "$RESULT")"
+rm -f "$RESULT"
+TINY=(); LIMIT_A=270; LIMIT_B=200
+[ "$SIZE" = tiny ] && { TINY=(--tiny); LIMIT_A=600; LIMIT_B=600; }  # a shared CPU is slow; the limits are for the H100
+WORK=$(mktemp -d /tmp/gpu_check.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+
+start=$SECONDS
+[ "$SIZE" = tiny ] || nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+status=0
+# (a) ~1.5 min to build and save the 16 GB bf16 model, ~1 min to load it in 4 bits, then 4 steps of 16k tokens
+timeout "$LIMIT_A" "$PY" bench/gpu_check.py qlora "$RESULT" "${TINY[@]}" --workdir "$WORK/qlora" || { echo "gpu_check: (a) qlora failed or timed out"; status=1; }
+rm -rf "$WORK/qlora"  # 16 GB of safetensors
+# (b) three runs (TRL, dpo.py, dpo.py with precomputed reference), each 10 steps of 8 pairs at max_length 1024
+timeout "$LIMIT_B" "$PY" bench/gpu_check.py trl "$RESULT" "${TINY[@]}" --workdir "$WORK/trl" || { echo "gpu_check: (b) trl failed or timed out"; status=1; }
+echo "gpu_check: $((SECONDS - start)) s; results in $RESULT"
+exit $status
