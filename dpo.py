@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 DEMO_MODEL = HERE / "assets" / "tiny-sentiment-lm"  # built by scripts/make_assets.py, see assets/README.md
 DEMO_DATASET = HERE / "assets" / "sentiment-prefs"
 # Settings the shipped demo uses for options left unset (a tiny model needs a far larger step than a 7B one).
-DEMO_DEFAULTS = dict(learning_rate=2e-3, max_length=128, logging_steps=10, eval_steps=50, sample_eval=64)
+DEMO_DEFAULTS = dict(learning_rate=2e-3, max_length=128, logging_steps=10, eval_steps=50, sample_eval=64, cpu_threads=1)
 
 
 @dataclass
@@ -90,6 +90,7 @@ class Config:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
     optim: str = field(default="adamw_torch", metadata={"help": "adamw_torch, rmsprop (the DPO paper's) or paged_adamw_8bit"})
     seed: int = field(default=42, metadata={"help": "seed of everything: init, data order, sampling"})
+    cpu_threads: Optional[int] = field(default=None, metadata={"help": "torch threads on a CPU (demo: 1, its matrices are too small to share)"})
     bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 autocast (default: on where the GPU supports it)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory, ~30%% slower"})
     # ---- reference model ----
@@ -444,6 +445,8 @@ def main(cfg: Config):
 
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu" and cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(dataclasses.asdict(cfg), indent=1))
@@ -530,7 +533,7 @@ def main(cfg: Config):
                 with autocast():
                     loss, metrics = dpo_step(cfg, model, ref_model, batch)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss ({float(loss)}) at step {step + 1}")
+                    raise FloatingPointError(f"non-finite loss ({float(loss.detach())}) at step {step + 1}")
                 # weight each micro-batch by its share of the step's pairs: k micro-batches = one batch k times larger
                 (loss * len(ids) / pairs_in_step).backward()
                 step_loss += loss.detach() * len(ids) / pairs_in_step
