@@ -23,8 +23,9 @@ different models are compared on common random numbers. The global RNG state is 
 """
 
 import torch
-import torch.nn.functional as F
 from transformers import GenerationConfig
+
+from dpo import completion_logps_naive
 
 
 def _prompt_ids(tokenizer, prompt):
@@ -86,10 +87,8 @@ def sequence_logps(model, prompt_ids, completion_ids, *, pad_id=0, batch_size=32
                                       device=model.device)
         completion_mask = torch.tensor([[0] * len(p) + [1] * len(c) + [0] * (width - len(p) - len(c)) for p, c in pairs],
                                        device=model.device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-        # The logits at position t predict token t+1.
-        token_logps = torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:, None]).squeeze(2)
-        logps += (token_logps * completion_mask[:, 1:]).sum(dim=1).tolist()
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        logps += completion_logps_naive(model, batch).sum(dim=1).tolist()  # the trainer's own scoring
     return logps
 
 
