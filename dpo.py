@@ -289,6 +289,7 @@ def dpo_step(cfg: Config, model, ref_model, batch):
     """One concatenated forward of policy (and reference), the loss, and the metrics of this micro-batch."""
     B = batch["input_ids"].shape[0] // 2
     mask = batch["completion_mask"][:, 1:]
+    scored = mask.sum(1).clamp(min=1)  # scored tokens per row (the first token of a row is never scored)
     per_token, stats = completion_logps(model, batch, with_wpo=cfg.use_weighting)
     logps = sequence_logps(per_token, batch["completion_mask"], cfg.ld_alpha)
     if cfg.reference_free:
@@ -301,7 +302,7 @@ def dpo_step(cfg: Config, model, ref_model, batch):
     lengths = batch["completion_mask"].sum(1).clamp(min=1)  # TRL's |y| for the length-normalised losses
     pair_weights = None
     if cfg.use_weighting:  # WPO (Zhou et al. 2024, arXiv:2406.11827, Eq. 2), no gradient through the weights
-        w = torch.exp(((per_token.detach() - stats["log_sum_sq"]) * mask).sum(1) / mask.sum(1).clamp(min=1))
+        w = torch.exp(((per_token.detach() - stats["log_sum_sq"]) * mask).sum(1) / scored)
         pair_weights = w[:B] * w[B:]
     nll_loss = -per_token[:B].sum() / mask[:B].sum().clamp(min=1)  # token-mean NLL of the chosen completions
     pair_losses, chosen_rewards, rejected_rewards = losses.dpo_loss(
@@ -311,14 +312,13 @@ def dpo_step(cfg: Config, model, ref_model, batch):
         f_alpha_divergence_coef=cfg.f_alpha_divergence_coef, discopop_tau=cfg.discopop_tau, rpo_alpha=cfg.rpo_alpha,
         reference_free=cfg.reference_free, simpo_gamma=cfg.simpo_gamma, dpop_lambda=cfg.dpop_lambda,
         rdpo_alpha=cfg.rdpo_alpha, pair_weights=pair_weights, nll_loss=nll_loss)
-    tokens = mask.sum(1).clamp(min=1)
     metrics = {  # TRL's names and formulas
         "rewards/chosen": chosen_rewards.mean(), "rewards/rejected": rejected_rewards.mean(),
         "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
         "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
         "logps/chosen": logps[:B].detach().mean(), "logps/rejected": logps[B:].detach().mean(),
-        "logits/chosen": stats["logits_sum"][:B].sum() / tokens[:B].sum(),
-        "logits/rejected": stats["logits_sum"][B:].sum() / tokens[B:].sum(),
+        "logits/chosen": stats["logits_sum"][:B].sum() / scored[:B].sum(),
+        "logits/rejected": stats["logits_sum"][B:].sum() / scored[B:].sum(),
     }
     if "sft" in cfg.loss_type or cfg.rpo_alpha:
         metrics["nll_loss"] = nll_loss.detach()
@@ -517,12 +517,14 @@ def main(cfg: Config):
     previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))  # Ctrl-C: finish the step, save, exit
     window, window_tokens, window_start = {}, 0, time.time()
     bar = tqdm(total=total_steps, initial=step, desc="dpo", dynamic_ncols=True)
-    last_checkpoint = None
+    last_checkpoint, trainable, shuffled_epoch = None, [p for p in model.parameters() if p.requires_grad], None
     try:
         while step < total_steps and not stop["signal"]:
             epoch, offset = divmod(step, steps_per_epoch)
-            order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
-            micro = [order[i:i + cfg.per_device_train_batch_size] for i in range(0, len(order), cfg.per_device_train_batch_size)]
+            if epoch != shuffled_epoch:  # each epoch's order depends only on (seed, epoch): a resumed run sees the same
+                order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+                micro = [order[i:i + cfg.per_device_train_batch_size] for i in range(0, len(order), cfg.per_device_train_batch_size)]
+                shuffled_epoch = epoch
             group = micro[offset * cfg.gradient_accumulation_steps:(offset + 1) * cfg.gradient_accumulation_steps]
             pairs_in_step = sum(len(ids) for ids in group)
             step_loss = 0.0
@@ -539,8 +541,7 @@ def main(cfg: Config):
                 step_loss += loss.detach() * len(ids) / pairs_in_step
                 for k, v in metrics.items():
                     window.setdefault(k, []).append(v)
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
-                                                       cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
