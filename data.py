@@ -36,7 +36,8 @@ FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv"
 # What prepare_dataset counts, and the line it prints for each kind (rows = preference pairs).
 COUNT_KINDS = {
     "identical": "dropped: chosen == rejected, nothing to prefer",
-    "empty_completion": "dropped: empty chosen or rejected completion",
+    "empty_completion": "dropped: empty or whitespace-only chosen or rejected completion",
+    "no_scored_token": "dropped: after max_length a sequence has no completion token to score (only its first token)",
     "prompt_too_long": "dropped: prompt alone has >= max_length tokens (keep_start would keep no completion token)",
     "double_bos": "second BOS removed (the text already started with the BOS string)",
     "prompt_boundary": "prompt's last tokens merge with the completion; the completion starts where they differ",
@@ -47,6 +48,8 @@ COUNT_KINDS = {
     "identical_after_truncation": "chosen and rejected identical after truncation (no learning signal)",
 }
 
+
+DROPS = ("identical", "empty_completion", "prompt_too_long", "no_scored_token")  # the kinds that drop a pair
 
 # ----------------------------------------------------------------------------------------------------------------
 # Loading
@@ -182,6 +185,14 @@ def _check_row(i, row, conversational, explicit):
     return prompt, chosen, rejected
 
 
+def _blank(completion) -> bool:
+    """An empty or whitespace-only completion: a string, or messages with no content and no tool call."""
+    if isinstance(completion, str):
+        return not completion.strip()
+    return all(not m.get("tool_calls") and not (m["content"] if isinstance(m["content"], str) else str(m["content"])).strip()
+               for m in completion)
+
+
 def _template_kwargs(i, row):
     """The per-row extras TRL passes to the chat template: `tools` (a list or a JSON string) and
     `chat_template_kwargs` (a dict)."""
@@ -253,7 +264,7 @@ def _tokenize_rows(rows, tokenizer, counts):
         if chosen == rejected:
             counts["identical"] += 1
             continue
-        if not chosen or not rejected:
+        if _blank(chosen) or _blank(rejected):  # nothing to prefer, only an EOS or end-of-turn to learn
             counts["empty_completion"] += 1
             continue
         if conversational:
@@ -297,7 +308,8 @@ def _tokenize_rows(rows, tokenizer, counts):
         chosen_ids, rejected_ids = prompt_chosen_ids[prompt_len:], prompt_rejected_ids[prompt_len:]
         if chosen_ids == rejected_ids:
             counts["identical"] += 1
-        elif not chosen_ids or not rejected_ids:
+        elif not chosen_ids or not rejected_ids or (not conversational and any(  # text some tokenizers keep as spaces
+                not tokenizer.decode(ids, skip_special_tokens=True).strip() for ids in (chosen_ids, rejected_ids))):
             counts["empty_completion"] += 1
         else:
             out.append((i, prompt_ids[:prompt_len], chosen_ids, rejected_ids))
@@ -367,16 +379,19 @@ def prepare_dataset(dataset, tokenizer, *, max_length: int | None = 1024, max_pr
             prompt_ids, chosen_ids, rejected_ids, max_prompt_length, max_completion_length, truncation_mode)
         counts["prompt_truncated"] += len(prompt_ids) < full[0]
         counts["completion_truncated"] += len(chosen_ids) < full[1] or len(rejected_ids) < full[2]
+        if max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
+            counts["prompt_too_long"] += 1
+            continue
+        chosen_seen = truncate_sequence(prompt_ids, chosen_ids, max_length, truncation_mode)
+        rejected_seen = truncate_sequence(prompt_ids, rejected_ids, max_length, truncation_mode)
+        if not any(chosen_seen[1][1:]) or not any(rejected_seen[1][1:]):  # a row's first token is never scored
+            counts["no_scored_token"] += 1
+            continue
         if max_length is not None:
-            if truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
-                counts["prompt_too_long"] += 1
-                continue
             longest = max(len(chosen_ids), len(rejected_ids))
             counts["max_length_truncated"] += len(prompt_ids) + longest > max_length
             counts["no_prompt_left"] += truncation_mode == "keep_end" and longest >= max_length
-        chosen_seen = truncate_sequence(prompt_ids, chosen_ids, max_length, truncation_mode)
-        counts["identical_after_truncation"] += chosen_seen == truncate_sequence(prompt_ids, rejected_ids, max_length,
-                                                                                 truncation_mode)
+        counts["identical_after_truncation"] += chosen_seen == rejected_seen
         example = {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
         for key in ("ref_chosen_logps", "ref_rejected_logps"):
             if rows[i].get(key) is not None:
@@ -384,6 +399,10 @@ def prepare_dataset(dataset, tokenizer, *, max_length: int | None = 1024, max_pr
         examples.append(example)
 
     counts["rows"], counts["kept"] = len(rows), len(examples)
+    if not examples:  # before any model loads: nothing to train or evaluate on
+        why = "; ".join(f"{counts[k]} {COUNT_KINDS[k]}" for k in COUNT_KINDS if counts[k] and k in DROPS)
+        raise ValueError(f"no pair of the {name} set is left after tokenization and truncation (of {len(rows)}: {why}); "
+                         f"raise max_length (now {max_length}) or fix the data")
     if verbose:
         print(f"[data] {name}: {len(examples)} of {len(rows)} pairs kept (max_length={max_length}, max_prompt_length="
               f"{max_prompt_length}, max_completion_length={max_completion_length}, {truncation_mode})")

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+import safetensors.torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -91,7 +91,7 @@ class Config:
     optim: str = field(default="adamw_torch", metadata={"help": "adamw_torch, rmsprop (the DPO paper's) or paged_adamw_8bit"})
     seed: int = field(default=42, metadata={"help": "seed of everything: init, data order, sampling"})
     cpu_threads: Optional[int] = field(default=None, metadata={"help": "torch threads on a CPU (demo: 1, its matrices are too small to share)"})
-    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 autocast (default: on where the GPU supports it)"})
+    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 autocast (default: on where the GPU supports it; CPU: slow, for tests)"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory, ~30%% slower"})
     # ---- reference model ----
     precompute_ref_log_probs: bool = field(default=False, metadata={"help": "score the data with the reference once, before training"})
@@ -126,7 +126,8 @@ def resolve(cfg: Config, argv: list[str]) -> Config:
             if k not in given:
                 setattr(cfg, k, v)
     cfg.max_length = 1024 if cfg.max_length is None else cfg.max_length
-    cfg.learning_rate = cfg.learning_rate or (5e-6 if cfg.use_peft else 5e-7)
+    if cfg.learning_rate is None:  # `is None`, not `or`: --learning_rate 0 means 0 (evaluate the reference, train nothing)
+        cfg.learning_rate = 5e-6 if cfg.use_peft else 5e-7
     cfg.loss_type = losses.check_loss_config(**dataclasses.asdict(cfg))
     problems = []
     if cfg.load_in_4bit and not cfg.use_peft:
@@ -143,8 +144,8 @@ def resolve(cfg: Config, argv: list[str]) -> Config:
         problems.append(f"--lr_scheduler_type must be linear, cosine or constant, not {cfg.lr_scheduler_type!r}")
     if cfg.optim not in ("adamw_torch", "rmsprop", "paged_adamw_8bit"):
         problems.append(f"--optim must be adamw_torch, rmsprop or paged_adamw_8bit, not {cfg.optim!r}")
-    if cfg.bf16 and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
-        problems.append("--bf16 True needs a CUDA GPU with bf16 support; on this machine run in fp32 (leave --bf16 unset)")
+    if cfg.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        problems.append("--bf16 True: this GPU has no bf16 support; run in fp32 (leave --bf16 unset)")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
         if getattr(cfg, name) < 1:
             problems.append(f"--{name} must be at least 1")
@@ -165,7 +166,9 @@ def resolve(cfg: Config, argv: list[str]) -> Config:
 
 
 def load_model(cfg: Config, name: str, device: torch.device, trainable: bool):
-    """AutoModelForCausalLM, in 4-bit NF4 for QLoRA; frozen weights in bf16 where bf16 is on, trained ones in fp32."""
+    """AutoModelForCausalLM, in 4-bit NF4 for QLoRA. The policy and a reference loaded here get the same dtypes
+    (full fine-tuning: fp32 masters; LoRA: the frozen base in the compute dtype), so that a reference with the
+    policy's weights computes exactly what the policy computes at step 0."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     compute_dtype = torch.bfloat16 if cfg.bf16 else torch.float32
@@ -175,8 +178,10 @@ def load_model(cfg: Config, name: str, device: torch.device, trainable: bool):
                                           bnb_4bit_compute_dtype=compute_dtype)
     if cfg.trust_remote_code:
         print(f"warning: --trust_remote_code runs Python code from {name}; do this only for sources you trust")
-    # Full fine-tuning keeps fp32 master weights (bf16 only in autocast); LoRA's frozen base can live in bf16.
-    dtype = torch.float32 if (trainable and not cfg.use_peft) else compute_dtype
+    # Full fine-tuning keeps fp32 master weights (bf16 only in autocast); LoRA's frozen base can live in bf16. The
+    # reference takes the policy's dtype: a bf16 copy of fp32 weights would differ from the policy before any step
+    # (norms and embeddings run outside autocast), and TR-DPO's small updates would round away in bf16.
+    dtype = torch.float32 if not cfg.use_peft else compute_dtype
     model = AutoModelForCausalLM.from_pretrained(
         name, dtype=dtype, quantization_config=quantization, trust_remote_code=cfg.trust_remote_code,
         device_map={"": device} if quantization else None)
@@ -186,18 +191,18 @@ def load_model(cfg: Config, name: str, device: torch.device, trainable: bool):
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    if not trainable:
-        return model.eval().requires_grad_(False)
-    if cfg.load_in_4bit:
+    if cfg.load_in_4bit:  # the same preparation for a 4-bit reference, so that it matches the policy's dtypes
         from peft import prepare_model_for_kbit_training
 
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=trainable and cfg.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
         # peft upcasts every non-4-bit weight to fp32 (the paper's stability advice for norms); the embedding and the
         # LM head are frozen and large (1B params on Llama-3-8B), so they go back to the compute dtype.
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
             module.to(compute_dtype)
-    elif cfg.gradient_checkpointing:
+    if not trainable:
+        return model.eval().requires_grad_(False)
+    if cfg.gradient_checkpointing and not cfg.load_in_4bit:  # (4-bit: enabled by the k-bit preparation above)
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.use_peft:
         from peft import LoraConfig, get_peft_model
@@ -209,6 +214,69 @@ def load_model(cfg: Config, name: str, device: torch.device, trainable: bool):
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     return model.train()
+
+
+def check_same_vocabulary(cfg, tokenizer):
+    """DPO compares log pi(y|x) with log pi_ref(y|x) on the same token ids: both models must read them as the same
+    tokens. Checked on the tokenizer files and configs, before any weights load."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        ref_vocab = AutoTokenizer.from_pretrained(cfg.ref_model, trust_remote_code=cfg.trust_remote_code).get_vocab()
+    except (OSError, ValueError):  # a folder with weights only: fall back to the configs' vocabulary sizes below
+        ref_vocab = None
+    if ref_vocab is not None and ref_vocab != tokenizer.get_vocab():
+        only = sorted(set(tokenizer.get_vocab().items()) ^ set(ref_vocab.items()))[:3]
+        raise SystemExit(f"dpo.py: error: --ref_model {cfg.ref_model} has another tokenizer vocabulary than --model "
+                         f"{cfg.model} ({len(ref_vocab):,} vs {len(tokenizer):,} tokens; differing e.g. {only}), so its "
+                         "log-probs would score other tokens; use a reference from the same model family and tokenizer")
+    sizes = [AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code).get_text_config().vocab_size
+             for name in (cfg.model, cfg.ref_model)]
+    if sizes[0] != sizes[1]:
+        raise SystemExit(f"dpo.py: error: --ref_model {cfg.ref_model} has an output vocabulary of {sizes[1]:,} and "
+                         f"--model {cfg.model} of {sizes[0]:,}; the two models must share the vocabulary (a policy "
+                         "with added tokens needs a reference with the same resized embeddings)")
+
+
+def use_reference_columns(cfg, train_set, eval_set):
+    """Reference log-probs given in the data (ref_chosen_logps / ref_rejected_logps) replace the reference only with
+    --precompute_ref_log_probs, and only if every pair has finite values; otherwise they are ignored, saying so."""
+    examples = train_set + eval_set
+    has = [("ref_chosen_logps" in ex) + ("ref_rejected_logps" in ex) for ex in examples]
+    if not any(has):
+        return
+    if not cfg.precompute_ref_log_probs or cfg.reference_free:
+        for ex in examples:
+            ex.pop("ref_chosen_logps", None), ex.pop("ref_rejected_logps", None)
+        print("note: the data's ref_chosen_logps/ref_rejected_logps columns are ignored: the reference is computed "
+              "as configured (pass --precompute_ref_log_probs to use them instead)")
+        return
+    bad = next((i for i, (n, ex) in enumerate(zip(has, examples)) if n < 2 or not (
+        math.isfinite(ex["ref_chosen_logps"]) and math.isfinite(ex["ref_rejected_logps"]))), None)
+    if bad is not None:
+        split, i = ("train", bad) if bad < len(train_set) else ("eval", bad - len(train_set))
+        raise SystemExit(f"dpo.py: error: --precompute_ref_log_probs with reference columns in the data: pair {i} "
+                         f"of the prepared {split} set has a missing or non-finite ref_chosen_logps/ref_rejected_logps; "
+                         "give finite values for every pair or drop both columns to compute them here")
+    print(f"reference log-probs: taken from the data's columns for all {len(examples)} pairs (no reference forward)")
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 of the reference's weights (LoRA: of the frozen base, adapters excluded): new weights at the same path
+    get a new fingerprint."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" not in name:
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def count_parameters(model) -> int:
+    """Parameters of the model as trained, counting a 4-bit weight by its logical shape (bitsandbytes packs two
+    4-bit values per byte, so numel() of a packed weight is half the real count)."""
+    return sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+               for p in model.parameters())
 
 
 @contextlib.contextmanager
@@ -294,7 +362,7 @@ def dpo_step(cfg: Config, model, ref_model, batch):
     logps = sequence_logps(per_token, batch["completion_mask"], cfg.ld_alpha)
     if cfg.reference_free:
         ref_logps = torch.zeros_like(logps)
-    elif "ref_chosen_logps" in batch:  # precomputed once before training
+    elif cfg.precompute_ref_log_probs:  # computed once before training (or given in the data)
         ref_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
     else:
         with reference(model, ref_model) as ref:
@@ -327,19 +395,21 @@ def dpo_step(cfg: Config, model, ref_model, batch):
 
 @torch.no_grad()
 def evaluate(cfg, model, ref_model, examples, pad_id, autocast):
-    """The same loss and metrics on held-out pairs, averaged over batches, with names prefixed eval_."""
+    """The same loss and metrics on held-out pairs, with names prefixed eval_. As in TRL, eval_loss is the mean over
+    pairs, and the other metrics the mean over batches (they differ when the last batch is smaller)."""
     was_training = model.training
     model.eval()
-    totals, n = {}, 0
+    totals, loss_sum, n_batches = {}, 0.0, 0
     for i in range(0, len(examples), cfg.per_device_eval_batch_size):
-        batch = to_device(collate_batch(cfg, examples[i:i + cfg.per_device_eval_batch_size], pad_id), model.device)
+        chunk = examples[i:i + cfg.per_device_eval_batch_size]
         with autocast():
-            loss, metrics = dpo_step(cfg, model, ref_model, batch)
-        for k, v in {"loss": loss, **metrics}.items():
+            loss, metrics = dpo_step(cfg, model, ref_model, to_device(collate_batch(cfg, chunk, pad_id), model.device))
+        loss_sum += float(loss) * len(chunk)
+        for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + float(v)
-        n += 1
+        n_batches += 1
     model.train(was_training)
-    return {f"eval_{k}": v / n for k, v in totals.items()}
+    return {"eval_loss": loss_sum / len(examples), **{f"eval_{k}": v / n_batches for k, v in totals.items()}}
 
 
 @torch.no_grad()
@@ -376,8 +446,8 @@ def save_checkpoint(cfg, step, model, ref_model, optimizer, scheduler):
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file(trainable_state(model), tmp / "trainable.safetensors")
-    if cfg.sync_ref_model:  # TR-DPO changes the reference too
-        save_file({k: v.detach().cpu().contiguous() for k, v in ref_model.state_dict().items()}, tmp / "ref_model.safetensors")
+    if cfg.sync_ref_model:  # TR-DPO changes the reference too. save_model stores tied weights (embedding = LM head) once
+        safetensors.torch.save_model(ref_model, str(tmp / "ref_model.safetensors"))
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -414,7 +484,7 @@ def load_checkpoint(path, model, ref_model, optimizer, scheduler):
         for k, v in load_file(path / "trainable.safetensors").items():
             params[k].copy_(v)
         if (path / "ref_model.safetensors").exists():
-            ref_model.load_state_dict(load_file(path / "ref_model.safetensors"))
+            safetensors.torch.load_model(ref_model, path / "ref_model.safetensors", device=str(next(ref_model.parameters()).device))
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = load_file(path / "rng.safetensors")
@@ -454,12 +524,15 @@ def main(cfg: Config):
 
     # ---- data: rows -> token ids (data.py); the same truncation for training, evaluation and precompute ----
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    if cfg.ref_model:
+        check_same_vocabulary(cfg, tokenizer)
     pad_id = data.pad_token_id(tokenizer)
     train_rows, eval_rows = data.load_preference_dataset(cfg.dataset, cfg.dataset_split, cfg.eval_split, cfg.eval_fraction, cfg.seed)
     limits = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                   max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode)
     train_set = data.prepare_dataset(train_rows, tokenizer, name="train", **limits)
     eval_set = data.prepare_dataset(eval_rows, tokenizer, name="eval", **limits) if eval_rows is not None else []
+    use_reference_columns(cfg, train_set, eval_set)
     for ex in train_set[:cfg.show_examples]:
         print(data.show_example(ex, tokenizer, cfg.max_length, cfg.truncation_mode))
 
@@ -469,14 +542,16 @@ def main(cfg: Config):
     if cfg.ref_model or (not cfg.use_peft and not cfg.reference_free):
         if cfg.ref_model:
             ref_model = load_model(cfg, cfg.ref_model, device, trainable=False)
-        else:  # a frozen copy of the policy at step 0, in the compute dtype (bf16 halves it; autocast computes in bf16 anyway)
-            ref_model = copy.deepcopy(model).to(torch.bfloat16 if cfg.bf16 else torch.float32).eval().requires_grad_(False)
+        else:  # a frozen copy of the policy at step 0, in the policy's own dtype (see load_model)
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"trainable parameters: {n_train:,} of {sum(p.numel() for p in model.parameters()):,}")
+    print(f"trainable parameters: {n_train:,} of {count_parameters(model):,}")
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
 
-    if cfg.precompute_ref_log_probs:
-        key = hashlib.sha256(json.dumps([cfg.model, cfg.ref_model, cfg.ld_alpha, cfg.load_in_4bit, cfg.bf16, limits,
+    if cfg.precompute_ref_log_probs and "ref_chosen_logps" not in train_set[0]:  # (else: given in the data)
+        # The cache is keyed on what the numbers depend on: the reference's weights themselves (not their path, which
+        # iterative DPO overwrites with new weights), the dtype, the tokens and their truncation.
+        key = hashlib.sha256(json.dumps([weights_fingerprint(ref_model or model), cfg.ld_alpha, cfg.bf16, limits,
                                          [[e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]] for e in train_set + eval_set]]).encode()).hexdigest()[:16]
         cache = out / f"ref_logps-{key}.safetensors"
         if cache.exists():
@@ -515,7 +590,7 @@ def main(cfg: Config):
     # ---- the loop ----
     stop = {"signal": False}
     previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))  # Ctrl-C: finish the step, save, exit
-    window, window_tokens, window_start = {}, 0, time.time()
+    window, window_tokens, window_seconds = {}, 0, 0.0
     bar = tqdm(total=total_steps, initial=step, desc="dpo", dynamic_ncols=True)
     last_checkpoint, trainable, shuffled_epoch = None, [p for p in model.parameters() if p.requires_grad], None
     try:
@@ -525,6 +600,7 @@ def main(cfg: Config):
                 order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
                 micro = [order[i:i + cfg.per_device_train_batch_size] for i in range(0, len(order), cfg.per_device_train_batch_size)]
                 shuffled_epoch = epoch
+            step_start = time.time()  # tokens_per_second counts training time only, not evaluation or saving
             group = micro[offset * cfg.gradient_accumulation_steps:(offset + 1) * cfg.gradient_accumulation_steps]
             pairs_in_step = sum(len(ids) for ids in group)
             step_loss = 0.0
@@ -542,11 +618,11 @@ def main(cfg: Config):
                 for k, v in metrics.items():
                     window.setdefault(k, []).append(v)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            window_seconds += time.time() - step_start
             window.setdefault("loss", []).append(step_loss)
             window.setdefault("grad_norm", []).append(grad_norm.detach())  # measured before clipping
             if cfg.sync_ref_model and step % cfg.ref_model_sync_steps == 0:  # TR-DPO (Gorbatovski et al. 2024)
@@ -556,15 +632,15 @@ def main(cfg: Config):
 
             if step % cfg.logging_steps == 0 or step == total_steps:
                 record = {k: torch.stack(v).float().mean().item() for k, v in window.items()}  # one sync per window
-                record.update(learning_rate=lr, epoch=step / steps_per_epoch,
-                              tokens_per_second=window_tokens / (time.time() - window_start))
+                record.update(learning_rate=scheduler.get_last_lr()[0], epoch=step / steps_per_epoch,  # after step(), as TRL
+                              tokens_per_second=window_tokens / window_seconds)
                 if device.type == "cuda":
                     record["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", acc=f"{record['rewards/accuracies']:.2f}",
                                 margin=f"{record['rewards/margins']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
                 tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in {"step": step, **record}.items()))
-                window, window_tokens, window_start = {}, 0, time.time()
+                window, window_tokens, window_seconds = {}, 0, 0.0
             if eval_set and cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps:
                 record = evaluate(cfg, model, ref_model, eval_set, pad_id, autocast)
                 log(record)
@@ -597,11 +673,11 @@ def main(cfg: Config):
     if cfg.sample_eval and eval_set:
         from sample_eval import sample_eval
 
-        prompts = [tokenizer.decode(ex["prompt_ids"], skip_special_tokens=True) for ex in eval_set[:cfg.sample_eval]]
+        prompts = [ex["prompt_ids"] for ex in eval_set[:cfg.sample_eval]]  # the token ids trained on, chat template and all
         reward_fn = None
         if Path(cfg.dataset).resolve() == DEMO_DATASET:  # the shipped task has a programmatic ground truth
             from sentiment import sentiment_score as reward_fn
-        if ref_model is None and not cfg.use_peft:  # full fine-tuning after precompute: reload the reference to sample it
+        if ref_model is None and (cfg.ref_model or not cfg.use_peft):  # freed after precompute: reload the one the run used
             ref_model = load_model(cfg, cfg.ref_model or cfg.model, device, trainable=False)
         result = sample_eval(model, tokenizer, prompts, reference=ref_model, reward_fn=reward_fn, seed=cfg.seed)
         (out / "sample_eval.json").write_text(json.dumps(result, indent=1))

@@ -29,8 +29,11 @@ from dpo import completion_logps_naive
 
 
 def _prompt_ids(tokenizer, prompt):
-    """Token ids of one prompt, as the trainer tokenizes it: a string with the tokenizer's special tokens
-    (BOS for Llama), or a list of chat messages through the chat template with the generation prompt."""
+    """Token ids of one prompt, as the trainer tokenizes it: token ids as they are (what dpo.py passes: exactly the
+    prompt it trained on), a string with the tokenizer's special tokens (BOS for Llama), or a list of chat messages
+    through the chat template with the generation prompt."""
+    if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+        return list(prompt)
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
     rendered = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=True)
@@ -104,7 +107,8 @@ def sample_eval(policy, tokenizer, prompts, *, reference=None, reward_fn=None, n
     with the prompt, both completions (decoded), their rewards, and the policy sample's token count and
     log-probabilities under the policy and the reference.
 
-    prompts: strings (standard data) or lists of chat messages (conversational data).
+    prompts: strings (standard data), lists of chat messages (conversational data), or lists of token ids (used
+        as they are: no template, no special tokens added).
     reference: a separate model, or None for the PEFT policy itself with its adapters disabled.
     reward_fn: text -> float, called on the decoded prompt + completion (for the shipped task:
         sentiment.sentiment_score, which scores the whole review).
@@ -139,6 +143,8 @@ def sample_eval(policy, tokenizer, prompts, *, reference=None, reward_fn=None, n
 
     samples = []
     for i, prompt in enumerate(rows):
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):  # token ids: store the text
+            prompt = tokenizer.decode(prompt, skip_special_tokens=True)
         sample = {"prompt": prompt,
                   "policy": tokenizer.decode(policy_ids[i], skip_special_tokens=True),
                   "reference": tokenizer.decode(reference_ids[i], skip_special_tokens=True),

@@ -13,8 +13,8 @@ WORDS = ["the", "movie", "was", "plot", "acting", "and", "it", "is", "a", "very"
          "good", "great", "fine", "bad", "awful", "poor", "yes", "no", "!", "."]
 
 
-def make_tokenizer(bos=True):
-    vocab = {w: i for i, w in enumerate(SPECIAL + WORDS)}
+def make_tokenizer(bos=True, words=WORDS):
+    vocab = {w: i for i, w in enumerate(SPECIAL + list(words))}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if bos:  # like Llama: every encoded text starts with <s>
@@ -23,14 +23,15 @@ def make_tokenizer(bos=True):
                                    unk_token="<unk>")
 
 
-def make_model_dir(path: Path, seed=0, bos=True) -> str:
-    """A 2-layer Llama (~0.1M parameters; hidden 64 = one bitsandbytes 4-bit block) with random weights and the tokenizer above, saved in `path`."""
-    tokenizer = make_tokenizer(bos)
+def make_model_dir(path: Path, seed=0, bos=True, words=WORDS, **config) -> str:
+    """A 2-layer Llama (~0.1M parameters; hidden 64 = one bitsandbytes 4-bit block) with random weights and the
+    tokenizer above, saved in `path`; `config` overrides LlamaConfig fields (tie_word_embeddings, vocab_size, ...)."""
+    tokenizer = make_tokenizer(bos, words)
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(**{**dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                   pad_token_id=tokenizer.pad_token_id), **config})
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
