@@ -253,48 +253,57 @@ def extract_prompt(chosen, rejected):
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def _check_messages(i, field, messages):
+FIX_ROW = "fix or remove the row"
+
+
+def _check_messages(row_name, field, messages):
+    """`row_name` names the row in messages: "train data (file /x/train.jsonl, rows counted from 0), row 30"."""
     if not isinstance(messages, list):
-        raise ValueError(f"row {i}, field {field!r}: expected a list of messages (the dataset is conversational, "
-                         f"detected from row 0), got {type(messages).__name__}: {messages!r:.80}")
+        raise DataError(f"{row_name}, field {field!r}: expected a list of messages (the dataset is conversational, "
+                        f"detected from its first row), got {type(messages).__name__}: {messages!r:.80}; {FIX_ROW}")
     if not messages:
-        raise ValueError(f"row {i}, field {field!r}: empty message list; expected at least one "
-                         "{'role': ..., 'content': ...} message")
+        raise DataError(f"{row_name}, field {field!r}: empty message list; expected at least one "
+                        f"{{'role': ..., 'content': ...}} message; {FIX_ROW}")
     for j, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"row {i}, field {field!r}, message {j}: expected a dict with 'role' and 'content', "
-                             f"got {message!r:.80}")
+            raise DataError(f"{row_name}, field {field!r}, message {j}: expected a dict with 'role' and 'content', "
+                            f"got {message!r:.80}; {FIX_ROW}")
         if message["role"] not in ROLES:
-            raise ValueError(f"row {i}, field {field!r}, message {j}: role {message['role']!r} is not one of {ROLES}")
+            raise DataError(f"{row_name}, field {field!r}, message {j}: role {message['role']!r} is not one of "
+                            f"{ROLES}; {FIX_ROW}")
         if not isinstance(message["content"], (str, list)) and not message.get("tool_calls"):
-            raise ValueError(f"row {i}, field {field!r}, message {j}: content must be a string, "
-                             f"got {type(message['content']).__name__}")
+            raise DataError(f"{row_name}, field {field!r}, message {j}: content must be a string, "
+                            f"got {type(message['content']).__name__}; {FIX_ROW}")
 
 
-def _check_row(i, row, conversational, explicit):
-    """(prompt, chosen, rejected) of row i, with the prompt extracted if implicit; a ValueError for a bad row."""
+def _check_row(row_name, row, conversational, explicit):
+    """(prompt, chosen, rejected) of a row, with the prompt extracted if implicit; a DataError for a bad row.
+    `row_name` says which row, in messages (see _check_messages)."""
     fields = ("prompt", "chosen", "rejected") if explicit else ("chosen", "rejected")
     for field in fields:
         if field not in row:
-            raise ValueError(f"row {i}: missing field {field!r}; every row needs {fields} (format detected from row 0)")
+            raise DataError(f"{row_name}: missing field {field!r}; every row needs {fields} (format detected from "
+                            f"the first row); {FIX_ROW}")
         if conversational:
-            _check_messages(i, field, row[field])
+            _check_messages(row_name, field, row[field])
         elif not isinstance(row[field], str):
-            raise ValueError(f"row {i}, field {field!r}: expected a string (the dataset is in the standard format, "
-                             f"detected from row 0), got {type(row[field]).__name__}: {row[field]!r:.80}")
+            raise DataError(f"{row_name}, field {field!r}: expected a string (the dataset is in the standard format, "
+                            f"detected from its first row), got {type(row[field]).__name__}: {row[field]!r:.80}; "
+                            f"{FIX_ROW}")
     if explicit:
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
         if not prompt:
-            raise ValueError(f"row {i}, field 'prompt': empty prompt; DPO compares two answers to the same prompt")
+            raise DataError(f"{row_name}, field 'prompt': empty prompt; DPO compares two answers to the same prompt; "
+                            f"{FIX_ROW}")
     else:
         prompt, chosen, rejected = extract_prompt(row["chosen"], row["rejected"])
         if not prompt:
-            raise ValueError(f"row {i}: 'chosen' and 'rejected' have no common beginning, so there is no prompt to "
-                             "extract (implicit-prompt format); add a 'prompt' field or fix the row")
+            raise DataError(f"{row_name}: 'chosen' and 'rejected' have no common beginning, so there is no prompt to "
+                            "extract (implicit-prompt format); add a 'prompt' field or fix the row")
     return prompt, chosen, rejected
 
 
-def _template_kwargs(i, row):
+def _template_kwargs(row_name, row):
     """The per-row extras TRL passes to the chat template: `tools` (a list or a JSON string) and
     `chat_template_kwargs` (a dict)."""
     tools = row.get("tools")
@@ -302,12 +311,13 @@ def _template_kwargs(i, row):
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as e:
-            raise ValueError(f"row {i}, field 'tools': not valid JSON ({e})") from None
+            raise DataError(f"{row_name}, field 'tools': not valid JSON ({e}); {FIX_ROW}") from None
     if tools is not None and not isinstance(tools, list):
-        raise ValueError(f"row {i}, field 'tools': expected a list of tools, got {type(tools).__name__}")
+        raise DataError(f"{row_name}, field 'tools': expected a list of tools, got {type(tools).__name__}; {FIX_ROW}")
     kwargs = row.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
-        raise ValueError(f"row {i}, field 'chat_template_kwargs': expected a dict, got {type(kwargs).__name__}")
+        raise DataError(f"{row_name}, field 'chat_template_kwargs': expected a dict, got {type(kwargs).__name__}; "
+                        f"{FIX_ROW}")
     return {"tools": tools, **kwargs}
 
 
@@ -335,33 +345,46 @@ def common_prefix_length(ids, other_ids) -> int:
     return n
 
 
-def _rows(dataset) -> list[dict]:
+def _origin(dataset) -> tuple[list[int] | range | None, str | None]:
+    """Each row's 0-based number in its file or split, and the phrase that names that file or split, from the
+    `origin` attribute load_preference_dataset sets; (None, None) if unknown (rows are then named by position)."""
+    origin = getattr(dataset, "origin", None)
+    # filter() copies attributes onto the dataset it returns, with fewer rows: trust them while the count matches
+    if origin is None or len(origin["rows"]) != len(dataset):
+        return None, None
+    return origin["rows"], origin["where"]
+
+
+def _rows(dataset, described="the dataset") -> list[dict]:
     """A datasets.Dataset (only the columns used here) or a list of dicts, as a list of dicts."""
     if isinstance(dataset, datasets.Dataset):
         if not {"chosen", "rejected"} <= set(dataset.column_names):
-            raise ValueError(f"the dataset needs 'chosen' and 'rejected' columns (and optionally 'prompt'); "
-                             f"it has {dataset.column_names}")
+            raise DataError(f"{described} needs 'chosen' and 'rejected' columns (and optionally 'prompt'); "
+                            f"it has {dataset.column_names}; rename the columns")
         used = ["prompt", "chosen", "rejected", "tools", "chat_template_kwargs",
                 "ref_chosen_logps", "ref_rejected_logps"]
         return dataset.select_columns([c for c in used if c in dataset.column_names]).to_list()
     return list(dataset)
 
 
-def _tokenize_rows(rows, tokenizer, counts):
+def _tokenize_rows(rows, tokenizer, counts, label="data (rows counted from 0)", numbers=None):
     """Check, split, add EOS to and tokenize every row; returns [(row index, prompt_ids, chosen_ids, rejected_ids)]
-    for the rows kept, untruncated. Drops are counted in `counts`."""
+    for the rows kept, untruncated. Drops are counted in `counts`. A bad row is a DataError that names it as
+    "{label}, row {numbers[i]}": its number in its file (`numbers`, default: its index in `rows`)."""
+    numbers = range(len(rows)) if numbers is None else numbers
     conversational = isinstance(rows[0].get("chosen"), list)
     explicit = "prompt" in rows[0]
     if conversational and tokenizer.chat_template is None:
-        raise ValueError("the dataset is conversational (lists of messages) but the tokenizer has no chat template; "
-                         "set tokenizer.chat_template or use plain strings")
+        raise DataError("the dataset is conversational (lists of messages) but the tokenizer has no chat template; "
+                        "set tokenizer.chat_template or use plain strings")
     if not conversational and tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no EOS token, which ends every standard (string) completion; "
                          "set tokenizer.eos_token")
 
     kept, texts = [], []  # texts: prompt, prompt+chosen, prompt+rejected for each kept row
     for i, row in enumerate(rows):
-        prompt, chosen, rejected = _check_row(i, row, conversational, explicit)
+        row_name = f"{label}, row {numbers[i]}"
+        prompt, chosen, rejected = _check_row(row_name, row, conversational, explicit)
         if chosen == rejected:
             counts["identical"] += 1
             continue
@@ -371,15 +394,16 @@ def _tokenize_rows(rows, tokenizer, counts):
         if conversational:
             for field, completion in (("chosen", chosen), ("rejected", rejected)):
                 if completion[0]["role"] != "assistant":
-                    raise ValueError(f"row {i}, field {field!r}: the completion (after the prompt) must start with an "
-                                     f"assistant message, got role {completion[0]['role']!r}")
-            kwargs = _template_kwargs(i, row)
+                    raise DataError(f"{row_name}, field {field!r}: the completion (after the prompt) must start with "
+                                    f"an assistant message, got role {completion[0]['role']!r}; {FIX_ROW}")
+            kwargs = _template_kwargs(row_name, row)
             try:  # the prompt ends with the generation prompt ("<|assistant|>"); full conversations do not
                 texts += [tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **kwargs),
                           tokenizer.apply_chat_template(prompt + chosen, tokenize=False, **kwargs),
                           tokenizer.apply_chat_template(prompt + rejected, tokenize=False, **kwargs)]
             except Exception as e:
-                raise ValueError(f"row {i}: the chat template failed on this row: {type(e).__name__}: {e}") from e
+                raise DataError(f"{row_name}: the chat template failed on this row: {type(e).__name__}: {e}; "
+                                "fix the row or use a chat template that accepts it") from e
         else:
             # EOS ends each standard completion, so the model learns to stop (not added twice). Conversational
             # completions already end with the template's end-of-turn token.
@@ -464,16 +488,22 @@ def prepare_dataset(dataset, tokenizer, *, max_length: int | None = 1024, max_pr
     (c) max_length in `collate`, counted here. With keep_start, a row whose prompt alone has >= max_length tokens
     is dropped; with keep_end it is kept and counted. Each kind of drop and truncation is printed once (verbose)
     and stored in `counts` if a dict is passed (keys: COUNT_KINDS, plus "rows" and "kept").
+
+    A bad row or an empty dataset is a DataError. A row is named by its 0-based number in its file or split when
+    `dataset` comes from load_preference_dataset (its `origin`), else by position.
     """
     _check_limits(max_length, max_prompt_length, max_completion_length, truncation_mode)
-    rows = _rows(dataset)
+    numbers, source = _origin(dataset)
+    described = f"the {name} dataset" + (f" ({source})" if source else "")  # "the eval dataset (file /x/a.jsonl)"
+    rows = _rows(dataset, described)
     if not rows:
-        raise ValueError(f"the {name} dataset is empty")
+        raise DataError(f"{described} is empty; add rows")
     counts = {} if counts is None else counts
     counts.update(dict.fromkeys(COUNT_KINDS, 0))
 
     examples = []
-    for i, prompt_ids, chosen_ids, rejected_ids in _tokenize_rows(rows, tokenizer, counts):
+    label = f"{name} data ({source + ', ' if source else ''}rows counted from 0)"
+    for i, prompt_ids, chosen_ids, rejected_ids in _tokenize_rows(rows, tokenizer, counts, label, numbers):
         full = (len(prompt_ids), len(chosen_ids), len(rejected_ids))
         prompt_ids, chosen_ids, rejected_ids = truncate_prompt_and_completions(
             prompt_ids, chosen_ids, rejected_ids, max_prompt_length, max_completion_length, truncation_mode)
