@@ -18,7 +18,12 @@ unset the batches equal TRL's token for token. Where this file differs from TRL 
   - Rows whose chosen equals rejected, or with an empty completion, are dropped and counted (TRL keeps them; for an
     implicit prompt where one answer is a prefix of the other, TRL's split lands one character or message early).
   - A second BOS (text that already starts with the BOS string, on a tokenizer that adds one) is removed.
-  - Every row is checked, not only the first, and a bad row is a ValueError naming the row and the field.
+  - Every row is checked, not only the first.
+
+Errors in the data are a `DataError` (a ValueError), one line naming what is wrong, where, and what to do. A bad
+row is named by its file (or split) and its 0-based number there, also after the eval hold-out (`origin`, set by
+load_preference_dataset); a bad line in a .jsonl/.json/.csv file by its 1-based line number; a dataset whose rows
+are all dropped by the reasons for the drops.
 """
 
 import gzip
@@ -489,8 +494,8 @@ def prepare_dataset(dataset, tokenizer, *, max_length: int | None = 1024, max_pr
     is dropped; with keep_end it is kept and counted. Each kind of drop and truncation is printed once (verbose)
     and stored in `counts` if a dict is passed (keys: COUNT_KINDS, plus "rows" and "kept").
 
-    A bad row or an empty dataset is a DataError. A row is named by its 0-based number in its file or split when
-    `dataset` comes from load_preference_dataset (its `origin`), else by position.
+    A bad row, an empty dataset, or one whose rows are all dropped is a DataError. A row is named by its 0-based
+    number in its file or split when `dataset` comes from load_preference_dataset (its `origin`), else by position.
     """
     _check_limits(max_length, max_prompt_length, max_completion_length, truncation_mode)
     numbers, source = _origin(dataset)
@@ -532,7 +537,20 @@ def prepare_dataset(dataset, tokenizer, *, max_length: int | None = 1024, max_pr
         for kind, line in COUNT_KINDS.items():
             if counts[kind]:
                 print(f"[data] {name}: {counts[kind]} pairs: {line}")
+    if not examples:  # else training divides by zero batches, or evaluation averages nothing
+        raise _all_dropped_error(described, counts, max_length)
     return examples
+
+
+def _all_dropped_error(described, counts, max_length) -> DataError:
+    """Why every row of a dataset was dropped (the counts of each reason), and what to change."""
+    reasons = "; ".join(f"{counts[kind]} {COUNT_KINDS[kind]}" for kind in ("identical", "empty_completion",
+                                                                            "prompt_too_long") if counts[kind])
+    if counts["prompt_too_long"]:
+        todo = f"raise max_length (now {max_length}), set max_prompt_length, or use truncation_mode='keep_end'"
+    else:
+        todo = "fix the data: every pair needs a chosen and a rejected completion that are non-empty and differ"
+    return DataError(f"all {counts['rows']} pairs of {described} were dropped ({reasons}); {todo}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -135,6 +135,27 @@ def test_a_filtered_dataset_is_named_by_position():
         prepare(smaller)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Nothing left to train or evaluate on
+
+
+def test_all_rows_dropped_names_the_split_the_reasons_and_what_to_do(tmp_path):
+    """keep_start with max_length=3: every prompt "<s> the movie was" (4 tokens) fills max_length, so every pair
+    would be dropped; identical chosen and rejected everywhere likewise. Both are DataErrors, not a later
+    ZeroDivisionError."""
+    (tmp_path / "train.jsonl").write_text(jsonl([PAIR] * 4))
+    (tmp_path / "test.jsonl").write_text(jsonl([PAIR] * 2))
+    train, eval_ = data.load_preference_dataset(str(tmp_path))
+    with pytest.raises(data.DataError, match=r"^all 2 pairs of the eval dataset \(split 'test', file .*test\.jsonl\) "
+                                             r"were dropped \(2 dropped: prompt alone has >= max_length tokens .*\); "
+                                             r"raise max_length \(now 3\)"):
+        prepare(eval_, name="eval", max_length=3, truncation_mode="keep_start")
+    with pytest.raises(data.DataError, match=r"^all 2 pairs of the train dataset were dropped \(1 dropped: chosen == "
+                                             r"rejected, nothing to prefer; 1 dropped: empty chosen or rejected "
+                                             r"completion\); fix the data"):
+        prepare([{**PAIR, "rejected": " good"}, {**PAIR, "chosen": ""}])
+
+
 def test_hold_out_that_leaves_no_training_rows(tmp_path):
     (tmp_path / "pairs.jsonl").write_text(jsonl([PAIR]))
     with pytest.raises(data.DataError, match=r"eval_fraction=0.05 of 1 rows leaves no training rows, in file "
