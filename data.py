@@ -18,9 +18,15 @@ unset the batches equal TRL's token for token. Where this file differs from TRL 
   - Rows whose chosen equals rejected, or with an empty completion, are dropped and counted (TRL keeps them; for an
     implicit prompt where one answer is a prefix of the other, TRL's split lands one character or message early).
   - A second BOS (text that already starts with the BOS string, on a tokenizer that adds one) is removed.
-  - Every row is checked, not only the first, and a bad row is a ValueError naming the row and the field.
+  - Every row is checked, not only the first.
+
+Errors in the data are a `DataError` (a ValueError), one line naming what is wrong, where, and what to do. A bad
+row is named by its file (or split) and its 0-based number there, also after the eval hold-out (`origin`, set by
+load_preference_dataset); a bad line in a .jsonl/.json/.csv file by its 1-based line number; a dataset whose rows
+are all dropped by the reasons for the drops.
 """
 
+import gzip
 import json
 import random
 from pathlib import Path
@@ -55,10 +61,104 @@ DROPS = ("identical", "empty_completion", "prompt_too_long", "no_scored_token") 
 # Loading
 
 
+class DataError(ValueError):
+    """A problem in the user's data, in one line: what is wrong, where (file and line, or split, row and field), and
+    what to do. dpo.py prints it as `dpo.py: error: <message>`, so messages end without a period."""
+
+
+class DataNotFoundError(DataError, FileNotFoundError):
+    """A dataset path that does not exist (a DataError for the CLI, a FileNotFoundError for everyone else)."""
+
+
 def _file_format(path: Path) -> str | None:
     """The datasets builder for a data file ("json", "parquet", "csv"), or None; `.gz` is read transparently."""
     name = path.name.lower().removesuffix(".gz")
     return FILE_FORMATS.get(Path(name).suffix)
+
+
+def _read_text(path: Path) -> str:
+    """A .jsonl/.json/.csv file (or .gz) as text; a DataError naming the line of the first byte that is not UTF-8.
+    datasets would read such bytes without a word (as mangled text) or fail with no line number."""
+    with (gzip.open(path) if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+        raw = f.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise DataError(f"byte 0x{raw[e.start]:02x} is not UTF-8 text, in {path}, line {line}; "
+                        "save the file as UTF-8") from None
+
+
+def _find_text_error(path: Path, builder: str):
+    """A DataError naming what is wrong in a .jsonl/.json/.csv file that datasets failed to read, and the line, where
+    we can find it. datasets raises StopIteration on an empty JSON lines file, and its JSON errors give no line."""
+    text = _read_text(path)
+    if builder == "csv":
+        if len(text.strip().splitlines()) < 2:
+            raise DataError(f"no rows: {path} is empty or has only a header line; add rows")
+        return
+    if not text.strip():
+        raise DataError(f"no rows: {path} is empty; it needs one JSON object per line, or a JSON array of objects")
+    if path.name.lower().removesuffix(".gz").endswith(".json"):
+        try:  # a .json file is one JSON document (an array of rows, usually) or else JSON lines
+            document = json.loads(text)
+        except json.JSONDecodeError as e:
+            if text.lstrip().startswith("["):
+                raise DataError(f"invalid JSON ({e.msg}, column {e.colno}) in {path}, line {e.lineno}; "
+                                "fix that line") from None
+        else:
+            if document == []:
+                raise DataError(f"no rows: {path} holds an empty JSON array; add rows")
+            return
+    for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"invalid JSON ({e.msg}, column {e.colno}) in {path}, line {number}; fix that line "
+                            "(each line of a JSON lines file is one JSON object)") from None
+        if not isinstance(row, dict):
+            raise DataError(f"a JSON {type(row).__name__} where a row should be, in {path}, line {number}; "
+                            "make each line one JSON object {\"prompt\": ..., \"chosen\": ..., \"rejected\": ...}")
+
+
+def _load_files(builder: str, files: dict[str, list[Path]]) -> datasets.DatasetDict:
+    """Load data files ({split: [paths]}) with datasets; a DataError naming the file (and the line, for text files)
+    if that fails."""
+    paths = [p for split_paths in files.values() for p in split_paths]
+    for path in paths:
+        if builder in ("json", "csv"):
+            _read_text(path)  # up front: datasets reads bytes that are not UTF-8 without a word
+    try:
+        return datasets.load_dataset(builder, data_files={s: [str(p) for p in ps] for s, ps in files.items()})
+    except Exception as e:
+        for path in paths:  # only now, as parsing every line costs seconds on a large file
+            if builder in ("json", "csv"):
+                _find_text_error(path, builder)
+        cause = e.__cause__ or e  # pyarrow's message (a corrupt parquet file, a field whose type changes between
+        message = (str(cause).strip().splitlines() or [""])[0]  # rows) is inside datasets' DatasetGenerationError
+        shown = paths[0] if len(paths) == 1 else f"the {len(paths)} {builder} files in {paths[0].parent}"
+        raise DataError(f"datasets could not read {shown} ({type(cause).__name__}: {message}); fix the file, or "
+                        "check that every row has the same fields with the same types") from e
+
+
+def _missing_path_error(dataset: str, path: Path) -> DataNotFoundError:
+    parent = path.parent
+    if parent.is_dir():
+        found = f"; {parent} contains: {sorted(p.name for p in parent.iterdir())}"
+    else:
+        found = f" (nor does its folder {parent})"
+    return DataNotFoundError(f"dataset {dataset!r} does not exist{found}; check the path")
+
+
+def _with_origin(dataset: datasets.Dataset, where: str, rows=None) -> datasets.Dataset:
+    """Tag a split with where its rows come from, for prepare_dataset's error messages: `where` names the file (or
+    the split), `rows` holds each row's 0-based number in it. Needed because select() numbers the rows it keeps from
+    0: without this, a bad row at file row 30 would be reported as row 28 of the train rows left after the eval
+    hold-out."""
+    dataset.origin = {"where": where, "rows": range(len(dataset)) if rows is None else rows}
+    return dataset
 
 
 def load_preference_dataset(dataset: str, dataset_split: str = "train", eval_split: str | None = None,
@@ -70,48 +170,63 @@ def load_preference_dataset(dataset: str, dataset_split: str = "train", eval_spl
     (train.jsonl, test.jsonl, ...), a `save_to_disk` folder, or else a Hugging Face Hub name. Train is `dataset_split`.
     Eval is `eval_split` if given; else the dataset's "test", "validation" or "eval" split; else a seeded, held-out
     `eval_fraction` of train (the same rows on every run, disjoint from train; 0 means no eval set).
+
+    Each returned Dataset has an `origin` attribute (see `_with_origin`) so that prepare_dataset names a bad row by
+    its file and its number in that file. A problem in the data itself is a DataError.
     """
     path = Path(dataset).expanduser()
+    where = {}  # split -> where its rows come from, in messages; the Hub and save_to_disk cases are filled in below
     if path.is_file():
         if _file_format(path) is None:
-            raise ValueError(f"dataset {dataset!r}: unsupported file type; use .jsonl, .json, .parquet or .csv "
-                             "(or the same with .gz)")
-        splits = datasets.load_dataset(_file_format(path), data_files=str(path))  # one file is one split: "train"
+            raise DataError(f"dataset {dataset!r}: unsupported file type; use .jsonl, .json, .parquet or .csv "
+                            "(or the same with .gz)")
+        splits = _load_files(_file_format(path), {"train": [path]})  # one file is one split: "train"
+        where = {"train": f"file {path}"}
     elif path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
         splits = datasets.load_from_disk(str(path))
     elif path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and _file_format(p))
         if not files:
-            raise ValueError(f"dataset folder {dataset!r} has no .jsonl/.json/.parquet/.csv files and is not a "
-                             f"save_to_disk folder; it contains: {sorted(p.name for p in path.iterdir())}")
+            raise DataError(f"dataset folder {dataset!r} has no .jsonl/.json/.parquet/.csv files and is not a "
+                            f"save_to_disk folder; it contains: {sorted(p.name for p in path.iterdir())}")
         formats = {_file_format(p) for p in files}
         if len(formats) > 1:
-            raise ValueError(f"dataset folder {dataset!r} mixes file types {sorted(formats)}; use one type")
-        data_files = {}  # split name = file name up to the first "." or "-": train.jsonl, test-00000-of-00001.parquet
+            raise DataError(f"dataset folder {dataset!r} mixes file types {sorted(formats)}; use one type")
+        by_split = {}  # split name = file name up to the first "." or "-": train.jsonl, test-00000-of-00001.parquet
         for p in files:
-            data_files.setdefault(p.name.split(".")[0].split("-")[0], []).append(str(p))
-        splits = datasets.load_dataset(formats.pop(), data_files=data_files)
+            by_split.setdefault(p.name.split(".")[0].split("-")[0], []).append(p)
+        splits = _load_files(formats.pop(), by_split)
+        where = {split: f"split {split!r}, file {ps[0]}" if len(ps) == 1 else
+                 f"split {split!r}, files {[p.name for p in ps]} of {path} (rows numbered on across them)"
+                 for split, ps in by_split.items()}
     elif _file_format(path) or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:  # a path, not "org/name"
-        parent = path.parent if path.parent.is_dir() else None
-        found = f"; {parent} contains: {sorted(p.name for p in parent.iterdir())}" if parent else ""
-        raise FileNotFoundError(f"dataset {dataset!r} does not exist{found}")
+        raise _missing_path_error(dataset, path)
     else:
-        splits = datasets.load_dataset(dataset)
+        try:
+            splits = datasets.load_dataset(dataset)
+        except Exception as e:
+            message = (str(e).strip().splitlines() or [""])[0]
+            raise DataError(f"dataset {dataset!r} is not a local file or folder, and loading it from the Hugging Face "
+                            f"Hub failed ({type(e).__name__}: {message}); check the name or the path") from e
     if isinstance(splits, datasets.Dataset):
         splits = {"train": splits}
+    for split in splits:
+        where.setdefault(split, f"split {split!r} of {dataset}")
 
     if dataset_split not in splits:
-        raise ValueError(f"split {dataset_split!r} not found in {dataset!r}; it has: {list(splits)} "
-                         "(set dataset_split)")
-    train = splits[dataset_split]
+        raise DataError(f"split {dataset_split!r} not found in {dataset!r}; it has: {list(splits)} "
+                        "(set dataset_split)")
+    train = _with_origin(splits[dataset_split], where[dataset_split])
+    if len(train) == 0:  # a csv with only a header line, an empty parquet file or saved split (an empty eval split
+        raise DataError(f"no rows in {where[dataset_split]}; add rows or set dataset_split")  # is prepare_dataset's)
     if eval_split is not None:
         if eval_split not in splits:
-            raise ValueError(f"eval split {eval_split!r} not found in {dataset!r}; it has: {list(splits)} "
-                             "(set eval_split)")
-        return train, splits[eval_split]
+            raise DataError(f"eval split {eval_split!r} not found in {dataset!r}; it has: {list(splits)} "
+                            "(set eval_split)")
+        return train, _with_origin(splits[eval_split], where[eval_split])
     for name in EVAL_SPLITS:
         if name in splits and name != dataset_split:
-            return train, splits[name]
+            return train, _with_origin(splits[name], where[name])
 
     if not 0 <= eval_fraction < 1:
         raise ValueError(f"eval_fraction must be in [0, 1), got {eval_fraction}")
@@ -119,11 +234,13 @@ def load_preference_dataset(dataset: str, dataset_split: str = "train", eval_spl
         return train, None
     n_eval = max(1, round(eval_fraction * len(train)))
     if n_eval >= len(train):
-        raise ValueError(f"eval_fraction={eval_fraction} of {len(train)} rows leaves no training rows")
+        raise DataError(f"eval_fraction={eval_fraction} of {len(train)} rows leaves no training rows, in "
+                        f"{where[dataset_split]}; add rows, or set eval_fraction=0 (no eval set)")
     # A seeded sample: the same rows are held out on every run, and train keeps its original order.
-    held_out = set(random.Random(seed).sample(range(len(train)), n_eval))
-    return (train.select([i for i in range(len(train)) if i not in held_out]),
-            train.select(sorted(held_out)))
+    held_out = sorted(random.Random(seed).sample(range(len(train)), n_eval))
+    kept = sorted(set(range(len(train))) - set(held_out))
+    return (_with_origin(train.select(kept), where[dataset_split], kept),
+            _with_origin(train.select(held_out), where[dataset_split], held_out))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,44 +261,53 @@ def extract_prompt(chosen, rejected):
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def _check_messages(i, field, messages):
+FIX_ROW = "fix or remove the row"
+
+
+def _check_messages(row_name, field, messages):
+    """`row_name` names the row in messages: "train data (file /x/train.jsonl, rows counted from 0), row 30"."""
     if not isinstance(messages, list):
-        raise ValueError(f"row {i}, field {field!r}: expected a list of messages (the dataset is conversational, "
-                         f"detected from row 0), got {type(messages).__name__}: {messages!r:.80}")
+        raise DataError(f"{row_name}, field {field!r}: expected a list of messages (the dataset is conversational, "
+                        f"detected from its first row), got {type(messages).__name__}: {messages!r:.80}; {FIX_ROW}")
     if not messages:
-        raise ValueError(f"row {i}, field {field!r}: empty message list; expected at least one "
-                         "{'role': ..., 'content': ...} message")
+        raise DataError(f"{row_name}, field {field!r}: empty message list; expected at least one "
+                        f"{{'role': ..., 'content': ...}} message; {FIX_ROW}")
     for j, message in enumerate(messages):
         if not isinstance(message, dict) or "role" not in message or "content" not in message:
-            raise ValueError(f"row {i}, field {field!r}, message {j}: expected a dict with 'role' and 'content', "
-                             f"got {message!r:.80}")
+            raise DataError(f"{row_name}, field {field!r}, message {j}: expected a dict with 'role' and 'content', "
+                            f"got {message!r:.80}; {FIX_ROW}")
         if message["role"] not in ROLES:
-            raise ValueError(f"row {i}, field {field!r}, message {j}: role {message['role']!r} is not one of {ROLES}")
+            raise DataError(f"{row_name}, field {field!r}, message {j}: role {message['role']!r} is not one of "
+                            f"{ROLES}; {FIX_ROW}")
         if not isinstance(message["content"], (str, list)) and not message.get("tool_calls"):
-            raise ValueError(f"row {i}, field {field!r}, message {j}: content must be a string, "
-                             f"got {type(message['content']).__name__}")
+            raise DataError(f"{row_name}, field {field!r}, message {j}: content must be a string, "
+                            f"got {type(message['content']).__name__}; {FIX_ROW}")
 
 
-def _check_row(i, row, conversational, explicit):
-    """(prompt, chosen, rejected) of row i, with the prompt extracted if implicit; a ValueError for a bad row."""
+def _check_row(row_name, row, conversational, explicit):
+    """(prompt, chosen, rejected) of a row, with the prompt extracted if implicit; a DataError for a bad row.
+    `row_name` says which row, in messages (see _check_messages)."""
     fields = ("prompt", "chosen", "rejected") if explicit else ("chosen", "rejected")
     for field in fields:
         if field not in row:
-            raise ValueError(f"row {i}: missing field {field!r}; every row needs {fields} (format detected from row 0)")
+            raise DataError(f"{row_name}: missing field {field!r}; every row needs {fields} (format detected from "
+                            f"the first row); {FIX_ROW}")
         if conversational:
-            _check_messages(i, field, row[field])
+            _check_messages(row_name, field, row[field])
         elif not isinstance(row[field], str):
-            raise ValueError(f"row {i}, field {field!r}: expected a string (the dataset is in the standard format, "
-                             f"detected from row 0), got {type(row[field]).__name__}: {row[field]!r:.80}")
+            raise DataError(f"{row_name}, field {field!r}: expected a string (the dataset is in the standard format, "
+                            f"detected from its first row), got {type(row[field]).__name__}: {row[field]!r:.80}; "
+                            f"{FIX_ROW}")
     if explicit:
         prompt, chosen, rejected = row["prompt"], row["chosen"], row["rejected"]
         if not prompt:
-            raise ValueError(f"row {i}, field 'prompt': empty prompt; DPO compares two answers to the same prompt")
+            raise DataError(f"{row_name}, field 'prompt': empty prompt; DPO compares two answers to the same prompt; "
+                            f"{FIX_ROW}")
     else:
         prompt, chosen, rejected = extract_prompt(row["chosen"], row["rejected"])
         if not prompt:
-            raise ValueError(f"row {i}: 'chosen' and 'rejected' have no common beginning, so there is no prompt to "
-                             "extract (implicit-prompt format); add a 'prompt' field or fix the row")
+            raise DataError(f"{row_name}: 'chosen' and 'rejected' have no common beginning, so there is no prompt to "
+                            "extract (implicit-prompt format); add a 'prompt' field or fix the row")
     return prompt, chosen, rejected
 
 
@@ -193,7 +319,7 @@ def _blank(completion) -> bool:
                for m in completion)
 
 
-def _template_kwargs(i, row):
+def _template_kwargs(row_name, row):
     """The per-row extras TRL passes to the chat template: `tools` (a list or a JSON string) and
     `chat_template_kwargs` (a dict)."""
     tools = row.get("tools")
@@ -201,12 +327,13 @@ def _template_kwargs(i, row):
         try:
             tools = json.loads(tools)
         except json.JSONDecodeError as e:
-            raise ValueError(f"row {i}, field 'tools': not valid JSON ({e})") from None
+            raise DataError(f"{row_name}, field 'tools': not valid JSON ({e}); {FIX_ROW}") from None
     if tools is not None and not isinstance(tools, list):
-        raise ValueError(f"row {i}, field 'tools': expected a list of tools, got {type(tools).__name__}")
+        raise DataError(f"{row_name}, field 'tools': expected a list of tools, got {type(tools).__name__}; {FIX_ROW}")
     kwargs = row.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
-        raise ValueError(f"row {i}, field 'chat_template_kwargs': expected a dict, got {type(kwargs).__name__}")
+        raise DataError(f"{row_name}, field 'chat_template_kwargs': expected a dict, got {type(kwargs).__name__}; "
+                        f"{FIX_ROW}")
     return {"tools": tools, **kwargs}
 
 
@@ -234,33 +361,46 @@ def common_prefix_length(ids, other_ids) -> int:
     return n
 
 
-def _rows(dataset) -> list[dict]:
+def _origin(dataset) -> tuple[list[int] | range | None, str | None]:
+    """Each row's 0-based number in its file or split, and the phrase that names that file or split, from the
+    `origin` attribute load_preference_dataset sets; (None, None) if unknown (rows are then named by position)."""
+    origin = getattr(dataset, "origin", None)
+    # filter() copies attributes onto the dataset it returns, with fewer rows: trust them while the count matches
+    if origin is None or len(origin["rows"]) != len(dataset):
+        return None, None
+    return origin["rows"], origin["where"]
+
+
+def _rows(dataset, described="the dataset") -> list[dict]:
     """A datasets.Dataset (only the columns used here) or a list of dicts, as a list of dicts."""
     if isinstance(dataset, datasets.Dataset):
         if not {"chosen", "rejected"} <= set(dataset.column_names):
-            raise ValueError(f"the dataset needs 'chosen' and 'rejected' columns (and optionally 'prompt'); "
-                             f"it has {dataset.column_names}")
+            raise DataError(f"{described} needs 'chosen' and 'rejected' columns (and optionally 'prompt'); "
+                            f"it has {dataset.column_names}; rename the columns")
         used = ["prompt", "chosen", "rejected", "tools", "chat_template_kwargs",
                 "ref_chosen_logps", "ref_rejected_logps"]
         return dataset.select_columns([c for c in used if c in dataset.column_names]).to_list()
     return list(dataset)
 
 
-def _tokenize_rows(rows, tokenizer, counts):
+def _tokenize_rows(rows, tokenizer, counts, label="data (rows counted from 0)", numbers=None):
     """Check, split, add EOS to and tokenize every row; returns [(row index, prompt_ids, chosen_ids, rejected_ids)]
-    for the rows kept, untruncated. Drops are counted in `counts`."""
+    for the rows kept, untruncated. Drops are counted in `counts`. A bad row is a DataError that names it as
+    "{label}, row {numbers[i]}": its number in its file (`numbers`, default: its index in `rows`)."""
+    numbers = range(len(rows)) if numbers is None else numbers
     conversational = isinstance(rows[0].get("chosen"), list)
     explicit = "prompt" in rows[0]
     if conversational and tokenizer.chat_template is None:
-        raise ValueError("the dataset is conversational (lists of messages) but the tokenizer has no chat template; "
-                         "set tokenizer.chat_template or use plain strings")
+        raise DataError("the dataset is conversational (lists of messages) but the tokenizer has no chat template; "
+                        "set tokenizer.chat_template or use plain strings")
     if not conversational and tokenizer.eos_token is None:
         raise ValueError("the tokenizer has no EOS token, which ends every standard (string) completion; "
                          "set tokenizer.eos_token")
 
     kept, texts = [], []  # texts: prompt, prompt+chosen, prompt+rejected for each kept row
     for i, row in enumerate(rows):
-        prompt, chosen, rejected = _check_row(i, row, conversational, explicit)
+        row_name = f"{label}, row {numbers[i]}"
+        prompt, chosen, rejected = _check_row(row_name, row, conversational, explicit)
         if chosen == rejected:
             counts["identical"] += 1
             continue
@@ -270,15 +410,16 @@ def _tokenize_rows(rows, tokenizer, counts):
         if conversational:
             for field, completion in (("chosen", chosen), ("rejected", rejected)):
                 if completion[0]["role"] != "assistant":
-                    raise ValueError(f"row {i}, field {field!r}: the completion (after the prompt) must start with an "
-                                     f"assistant message, got role {completion[0]['role']!r}")
-            kwargs = _template_kwargs(i, row)
+                    raise DataError(f"{row_name}, field {field!r}: the completion (after the prompt) must start with "
+                                    f"an assistant message, got role {completion[0]['role']!r}; {FIX_ROW}")
+            kwargs = _template_kwargs(row_name, row)
             try:  # the prompt ends with the generation prompt ("<|assistant|>"); full conversations do not
                 texts += [tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **kwargs),
                           tokenizer.apply_chat_template(prompt + chosen, tokenize=False, **kwargs),
                           tokenizer.apply_chat_template(prompt + rejected, tokenize=False, **kwargs)]
             except Exception as e:
-                raise ValueError(f"row {i}: the chat template failed on this row: {type(e).__name__}: {e}") from e
+                raise DataError(f"{row_name}: the chat template failed on this row: {type(e).__name__}: {e}; "
+                                "fix the row or use a chat template that accepts it") from e
         else:
             # EOS ends each standard completion, so the model learns to stop (not added twice). Conversational
             # completions already end with the template's end-of-turn token.
@@ -364,16 +505,22 @@ def prepare_dataset(dataset, tokenizer, *, max_length: int | None = 1024, max_pr
     (c) max_length in `collate`, counted here. With keep_start, a row whose prompt alone has >= max_length tokens
     is dropped; with keep_end it is kept and counted. Each kind of drop and truncation is printed once (verbose)
     and stored in `counts` if a dict is passed (keys: COUNT_KINDS, plus "rows" and "kept").
+
+    A bad row, an empty dataset, or one whose rows are all dropped is a DataError. A row is named by its 0-based
+    number in its file or split when `dataset` comes from load_preference_dataset (its `origin`), else by position.
     """
     _check_limits(max_length, max_prompt_length, max_completion_length, truncation_mode)
-    rows = _rows(dataset)
+    numbers, source = _origin(dataset)
+    described = f"the {name} dataset" + (f" ({source})" if source else "")  # "the eval dataset (file /x/a.jsonl)"
+    rows = _rows(dataset, described)
     if not rows:
-        raise ValueError(f"the {name} dataset is empty")
+        raise DataError(f"{described} is empty; add rows")
     counts = {} if counts is None else counts
     counts.update(dict.fromkeys(COUNT_KINDS, 0))
 
     examples = []
-    for i, prompt_ids, chosen_ids, rejected_ids in _tokenize_rows(rows, tokenizer, counts):
+    label = f"{name} data ({source + ', ' if source else ''}rows counted from 0)"
+    for i, prompt_ids, chosen_ids, rejected_ids in _tokenize_rows(rows, tokenizer, counts, label, numbers):
         full = (len(prompt_ids), len(chosen_ids), len(rejected_ids))
         prompt_ids, chosen_ids, rejected_ids = truncate_prompt_and_completions(
             prompt_ids, chosen_ids, rejected_ids, max_prompt_length, max_completion_length, truncation_mode)
@@ -399,17 +546,27 @@ def prepare_dataset(dataset, tokenizer, *, max_length: int | None = 1024, max_pr
         examples.append(example)
 
     counts["rows"], counts["kept"] = len(rows), len(examples)
-    if not examples:  # before any model loads: nothing to train or evaluate on
-        why = "; ".join(f"{counts[k]} {COUNT_KINDS[k]}" for k in COUNT_KINDS if counts[k] and k in DROPS)
-        raise ValueError(f"no pair of the {name} set is left after tokenization and truncation (of {len(rows)}: {why}); "
-                         f"raise max_length (now {max_length}) or fix the data")
     if verbose:
         print(f"[data] {name}: {len(examples)} of {len(rows)} pairs kept (max_length={max_length}, max_prompt_length="
               f"{max_prompt_length}, max_completion_length={max_completion_length}, {truncation_mode})")
         for kind, line in COUNT_KINDS.items():
             if counts[kind]:
                 print(f"[data] {name}: {counts[kind]} pairs: {line}")
+    if not examples:  # else training divides by zero batches, or evaluation averages nothing
+        raise _all_dropped_error(described, counts, max_length)
     return examples
+
+
+def _all_dropped_error(described, counts, max_length) -> DataError:
+    """Why every row of a dataset was dropped (the counts of each reason), and what to change."""
+    reasons = "; ".join(f"{counts[kind]} {COUNT_KINDS[kind]}" for kind in DROPS if counts[kind])
+    if counts["no_scored_token"]:
+        todo = f"raise max_length (now {max_length}): each sequence needs a second token, the first completion token scored"
+    elif counts["prompt_too_long"]:
+        todo = f"raise max_length (now {max_length}), set max_prompt_length, or use truncation_mode='keep_end'"
+    else:
+        todo = "fix the data: every pair needs a chosen and a rejected completion that are non-empty and differ"
+    return DataError(f"all {counts['rows']} pairs of {described} were dropped ({reasons}); {todo}")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -279,7 +279,7 @@ def test_max_length_that_scores_no_token_is_an_error_before_the_model_loads(tiny
     """With max_length 1 a row keeps one token, and the first token of a row has nothing to predict it: no token is
     scored, every gradient would be 0."""
     counts = {}
-    with pytest.raises(ValueError, match="no pair of the train set is left.*no completion token to score"):
+    with pytest.raises(ValueError, match="were dropped.*no completion token to score.*raise max_length"):
         data.prepare_dataset([{"prompt": "the movie was", "chosen": " good", "rejected": " bad"}], make_tokenizer(),
                              max_length=1, counts=counts, verbose=False)
     monkeypatch.setattr(dpo, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the check"))
