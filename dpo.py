@@ -69,6 +69,7 @@ class Config:
     simpo_gamma: float = field(default=0.5, metadata={"help": "target reward margin gamma of simpo"})
     dpop_lambda: float = field(default=50.0, metadata={"help": "lambda of dpop (DPO-Positive)"})
     rdpo_alpha: float = field(default=0.01, metadata={"help": "length penalty alpha of rdpo"})
+    router_aux_loss_coef: Optional[float] = field(default=None, metadata={"help": "MoE: weight of the load-balancing loss (default: the model config's; 0: off)"})
     # ---- tokenization (data.py) ----
     max_length: Optional[int] = field(default=None, metadata={"help": "max tokens of prompt+completion (default 1024; demo 128)"})
     max_prompt_length: Optional[int] = field(default=None, metadata={"help": "cut prompts to this many tokens first (optional)"})
@@ -303,11 +304,46 @@ def completion_logps_naive(model, batch):
     return token_logps * batch["completion_mask"][:, 1:]  # [2B, T-1], zero outside completions
 
 
-def _score_tokens(hidden, lm_head, labels, softcap, with_wpo):
+def logits_from_hidden(model, hidden):
+    """Decoder hidden states [N, H] -> fp32 logits [N, V] exactly as the model's own forward makes them: the LM head, plus
+    each family's step (transformers 5.24, all in tests/test_model_families.py). check_head refuses any other model."""
+    c = model.config.get_text_config()  # PEFT forwards config and get_output_embeddings to the base model
+    if c.model_type in ("minicpm3", "inkling_text"):  # these scale the hidden states down, not the logits
+        hidden = hidden / (c.logits_scaling if c.model_type == "minicpm3" else c.logits_mup_width_multiplier)
+    logits = model.get_output_embeddings()(hidden).float()
+    if c.model_type.startswith("granite"):  # muP: Granite divides by logits_scaling ...
+        logits = logits / c.logits_scaling
+    elif c.model_type == "hyperclovax":  # ... HyperCLOVA X multiplies by an option of the same name
+        logits = logits * c.logits_scaling
+    elif c.model_type.startswith("cohere") and c.logit_scale is not None:
+        logits = logits * c.logit_scale
+    elif c.model_type == "falcon_h1":
+        logits = logits * c.lm_head_multiplier
+    elif c.model_type == "inkling_text" and c.unpadded_vocab_size:  # the head's padding rows are not tokens
+        logits = logits[:, :c.unpadded_vocab_size]
+    cap = getattr(c, "final_logit_softcapping", None) or getattr(c, "logits_soft_cap", None) or getattr(c, "output_logit_soft_cap", None)
+    if cap:  # Gemma-2 style soft-capping
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+@torch.no_grad()
+def check_head(model):
+    """Refuse a model whose own forward makes other logits than logits_from_hidden (a family or remote code this file
+    does not know): its log-probs would be silently wrong. Costs one 8-token forward at the start of a run."""
+    ids, was_training = torch.arange(8, device=model.device)[None] % model.config.get_text_config().vocab_size, model.training
+    model.eval()  # no dropout: both passes must see the same net
+    theirs = model(input_ids=ids, use_cache=False).logits[0].float()
+    ours = logits_from_hidden(model, model.get_decoder()(input_ids=ids, use_cache=False)[0][0])
+    model.train(was_training)
+    if ours.shape != theirs.shape or (ours - theirs).abs().max() > 0.02 * theirs.abs().max() + 1e-4:  # bf16 slack
+        raise SystemExit(f"dpo.py: error: {model.config.model_type} ({type(model).__name__}) makes its logits in a way "
+                         "dpo.py does not reproduce; add its step to logits_from_hidden (and tests/test_model_families.py)")
+
+
+def _score_tokens(hidden, model, labels, with_wpo):
     """log p(label) = z_label - logsumexp(z), in fp32, for a chunk of hidden states [N, H]."""
-    logits = lm_head(hidden).float()
-    if softcap:  # Gemma-2 style final-logit soft-capping
-        logits = softcap * torch.tanh(logits / softcap)
+    logits = logits_from_hidden(model, hidden)
     log_z = logits.logsumexp(-1)
     token_logps = logits.gather(-1, labels[:, None]).squeeze(-1) - log_z
     logits_mean = logits.detach().mean(-1)  # for the logits/chosen|rejected metrics
@@ -316,19 +352,18 @@ def _score_tokens(hidden, lm_head, labels, softcap, with_wpo):
     return token_logps, logits_mean, log_sum_sq
 
 
-def completion_logps(model, batch, with_wpo=False, chunk_tokens=1024):
+def completion_logps(model, batch, with_wpo=False, with_aux=False, chunk_tokens=1024):
     """Per-token log-probs of the completion tokens, [2B, T-1], projecting only completion positions through the LM
     head, in chunks whose [N, V] logits are recomputed in backward rather than kept (the full-vocabulary logits are
-    the largest tensor of a DPO step). Returns (token_logps, stats) with stats for the metrics and WPO."""
+    the largest tensor of a DPO step). Returns (token_logps, stats): stats for the metrics, WPO and the MoE aux_loss."""
     mask = batch["completion_mask"][:, 1:].bool()
-    decoder, lm_head = model.get_decoder(), model.get_output_embeddings()
-    hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
+    router = {"output_router_logits": True} if with_aux else {}  # MoE: the decoder returns its routers' logits too
+    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **router)
     where = mask.nonzero(as_tuple=True)  # (row, position) of every scored token
-    hidden, labels = hidden[:, :-1][where], batch["input_ids"][:, 1:][where]
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    hidden, labels = out[0][:, :-1][where], batch["input_ids"][:, 1:][where]
     pieces = []
     for start in range(0, max(len(labels), 1), chunk_tokens):  # at least one (possibly empty) chunk
-        args = (hidden[start:start + chunk_tokens], lm_head, labels[start:start + chunk_tokens], softcap, with_wpo)
+        args = (hidden[start:start + chunk_tokens], model, labels[start:start + chunk_tokens], with_wpo)
         if torch.is_grad_enabled():  # keep only the hidden states; the chunk's logits are recomputed in backward
             pieces.append(torch.utils.checkpoint.checkpoint(_score_tokens, *args, use_reentrant=False))
         else:
@@ -338,7 +373,29 @@ def completion_logps(model, batch, with_wpo=False, chunk_tokens=1024):
     stats = {"logits_sum": torch.zeros(mask.shape[0], device=mask.device).index_add(0, where[0], logits_mean)}
     if with_wpo:
         stats["log_sum_sq"] = torch.zeros(mask.shape, device=mask.device).index_put(where, log_sum_sq)
+    if with_aux:
+        stats["aux_loss"] = router_aux_loss(model, out.router_logits, batch["attention_mask"])
     return per_token, stats
+
+
+def router_aux_loss(model, router_logits, attention_mask):
+    """MoE load-balancing loss (Switch Transformer, arXiv:2101.03961, Eq. 4) exactly as the model's forward computes
+    it: its family's load_balancing_loss_func with its expert counts; padding (attention_mask 0) is not counted."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped ForCausalLM
+    balance = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)  # e.g. modeling_mixtral's
+    if balance is None or not hasattr(lm, "num_experts") or lm.config.model_type == "doge":  # doge's takes other arguments
+        raise SystemExit(f"dpo.py: error: {lm.config.model_type}: dpo.py cannot compute its load-balancing loss as "
+                         "the model does; train without it: --router_aux_loss_coef 0")
+    return balance(router_logits, lm.num_experts, lm.num_experts_per_tok, attention_mask)
+
+
+def aux_loss_coef(cfg, model):
+    """TRL's rule: a model is MoE when its config has output_router_logits; unset takes its router_aux_loss_coef."""
+    c = model.config.get_text_config()
+    if cfg.router_aux_loss_coef and not hasattr(c, "output_router_logits"):
+        raise SystemExit(f"dpo.py: error: --router_aux_loss_coef: {c.model_type} is not a mixture-of-experts model; drop the option")
+    coef = getattr(c, "router_aux_loss_coef", 0.0) if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef
+    return coef if hasattr(c, "output_router_logits") else 0.0
 
 
 def sequence_logps(per_token, completion_mask, ld_alpha=None):
@@ -358,7 +415,8 @@ def dpo_step(cfg: Config, model, ref_model, batch):
     B = batch["input_ids"].shape[0] // 2
     mask = batch["completion_mask"][:, 1:]
     scored = mask.sum(1).clamp(min=1)  # scored tokens per row (the first token of a row is never scored)
-    per_token, stats = completion_logps(model, batch, with_wpo=cfg.use_weighting)
+    coef = aux_loss_coef(cfg, model)
+    per_token, stats = completion_logps(model, batch, with_wpo=cfg.use_weighting, with_aux=coef != 0)
     logps = sequence_logps(per_token, batch["completion_mask"], cfg.ld_alpha)
     if cfg.reference_free:
         ref_logps = torch.zeros_like(logps)
@@ -390,7 +448,11 @@ def dpo_step(cfg: Config, model, ref_model, batch):
     }
     if "sft" in cfg.loss_type or cfg.rpo_alpha:
         metrics["nll_loss"] = nll_loss.detach()
-    return pair_losses.mean(), {k: v.detach() for k, v in metrics.items()}
+    loss = pair_losses.mean()
+    if coef:  # MoE, as TRL: + coef * the policy's load-balancing loss (the reference's is never computed)
+        loss = loss + coef * stats["aux_loss"]
+        metrics["aux_loss"] = stats["aux_loss"]
+    return loss, {k: v.detach() for k, v in metrics.items()}
 
 
 @torch.no_grad()
@@ -537,16 +599,20 @@ def main(cfg: Config):
         print(data.show_example(ex, tokenizer, cfg.max_length, cfg.truncation_mode))
 
     # ---- models: the policy, and the reference in one of four ways ----
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
     model = load_model(cfg, cfg.model, device, trainable=True)
+    with autocast():
+        check_head(model)  # refuse before training a model whose log-probs this file would get wrong
     ref_model = None  # LoRA: the policy with adapters off
     if cfg.ref_model or (not cfg.use_peft and not cfg.reference_free):
         if cfg.ref_model:
             ref_model = load_model(cfg, cfg.ref_model, device, trainable=False)
+            with autocast():
+                check_head(ref_model)
         else:  # a frozen copy of the policy at step 0, in the policy's own dtype (see load_model)
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable parameters: {n_train:,} of {count_parameters(model):,}")
-    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
 
     if cfg.precompute_ref_log_probs and "ref_chosen_logps" not in train_set[0]:  # (else: given in the data)
         # The cache is keyed on what the numbers depend on: the reference's weights themselves (not their path, which

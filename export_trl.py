@@ -14,7 +14,7 @@ SAME = ["beta", "loss_type", "loss_weights", "label_smoothing", "f_divergence_ty
         "bf16", "gradient_checkpointing", "precompute_ref_log_probs", "sync_ref_model", "ref_model_mixup_alpha",
         "ref_model_sync_steps", "disable_dropout", "logging_steps", "save_steps", "save_total_limit", "output_dir",
         "resume_from_checkpoint", "pad_to_multiple_of", "trust_remote_code", "use_peft", "lora_r", "lora_alpha",
-        "lora_dropout", "lora_target_modules", "load_in_4bit"]
+        "lora_dropout", "lora_target_modules", "load_in_4bit", "router_aux_loss_coef"]
 RENAMED = {"model": "model_name_or_path", "dataset": "dataset_name", "dataset_split": "dataset_train_split",
            "eval_split": "dataset_test_split"}
 # Always written out: their defaults differ between the two projects, or the value was resolved at start.

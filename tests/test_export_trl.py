@@ -33,7 +33,7 @@ ARGV = ["--model", "Qwen/Qwen2.5-0.5B-Instruct", "--dataset", "trl-lib/ultrafeed
         "--warmup_ratio", "0.1", "--max_steps", "100", "--ld_alpha", "0.5", "--use_weighting",
         "--lora_r", "32", "--lora_alpha", "16", "--eval_steps", "50", "--save_steps", "25", "--save_total_limit", "2",
         "--rpo_alpha", "0.5", "--max_prompt_length", "256", "--gradient_checkpointing", "--load_in_4bit",
-        "--bf16", "False"]  # TRL's DPOConfig refuses its default bf16=True on a machine without a GPU, like this one
+        "--router_aux_loss_coef", "0.01", "--bf16", "False"]  # TRL's DPOConfig refuses its default bf16=True on a machine without a GPU, like this one
 
 
 def test_trl_accepts_every_exported_option_with_the_same_value():
@@ -43,7 +43,8 @@ def test_trl_accepts_every_exported_option_with_the_same_value():
     assert model.model_name_or_path == cfg.model and script.dataset_name == cfg.dataset
     for name in ("beta", "learning_rate", "max_length", "truncation_mode", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "max_steps", "ld_alpha", "use_weighting",
-                 "save_steps", "save_total_limit", "gradient_checkpointing", "num_train_epochs", "bf16"):
+                 "save_steps", "save_total_limit", "gradient_checkpointing", "num_train_epochs", "bf16",
+                 "router_aux_loss_coef"):
         assert getattr(training, name) == getattr(cfg, name), name
     assert getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type) == "cosine" and training.eval_steps == 50
     assert training.warmup_steps == cfg.warmup_ratio  # transformers 5 reads a float < 1 as the warmup ratio
