@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 import data
 import losses
+import runs
 
 HERE = Path(__file__).resolve().parent
 DEMO_MODEL = HERE / "assets" / "tiny-sentiment-lm"  # built by scripts/make_assets.py, see assets/README.md
@@ -116,7 +117,9 @@ class Config:
     save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "checkpoint folder or 'latest' in output_dir"})
     sample_eval: int = field(default=0, metadata={"help": "at the end, sample N held-out prompts from reference and policy"})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace what an earlier run wrote in output_dir"})
     export_trl: bool = field(default=False, metadata={"help": "print the equivalent TRL command (multi-GPU) and exit"})
+    debug: bool = field(default=False, metadata={"help": "show the Python traceback of an error"})
 
 
 def resolve(cfg: Config, argv: list[str]) -> Config:
@@ -129,29 +132,14 @@ def resolve(cfg: Config, argv: list[str]) -> Config:
     cfg.max_length = 1024 if cfg.max_length is None else cfg.max_length
     if cfg.learning_rate is None:  # `is None`, not `or`: --learning_rate 0 means 0 (evaluate the reference, train nothing)
         cfg.learning_rate = 5e-6 if cfg.use_peft else 5e-7
-    cfg.loss_type = losses.check_loss_config(**dataclasses.asdict(cfg))
     problems = []
-    if cfg.load_in_4bit and not cfg.use_peft:
-        problems.append("--load_in_4bit trains adapters on a frozen 4-bit base: add --use_peft True (4-bit weights cannot be trained)")
-    if cfg.sync_ref_model and cfg.precompute_ref_log_probs:
-        problems.append("--sync_ref_model changes the reference during training, so its log-probs cannot be precomputed: drop one")
-    if cfg.sync_ref_model and cfg.use_peft:
-        problems.append("--sync_ref_model needs a separate reference model: use full fine-tuning (--use_peft False)")
-    if cfg.reference_free and (cfg.precompute_ref_log_probs or cfg.sync_ref_model or cfg.ref_model):
-        problems.append("--reference_free uses no reference model: drop --precompute_ref_log_probs/--sync_ref_model/--ref_model")
-    if cfg.truncation_mode not in ("keep_end", "keep_start"):
-        problems.append(f"--truncation_mode must be keep_end or keep_start, not {cfg.truncation_mode!r}")
-    if cfg.lr_scheduler_type not in ("linear", "cosine", "constant"):
-        problems.append(f"--lr_scheduler_type must be linear, cosine or constant, not {cfg.lr_scheduler_type!r}")
-    if cfg.optim not in ("adamw_torch", "rmsprop", "paged_adamw_8bit"):
-        problems.append(f"--optim must be adamw_torch, rmsprop or paged_adamw_8bit, not {cfg.optim!r}")
+    try:
+        cfg.loss_type = losses.check_loss_config(**dataclasses.asdict(cfg))
+    except ValueError as err:
+        problems.append(str(err))
     if cfg.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
         problems.append("--bf16 True: this GPU has no bf16 support; run in fp32 (leave --bf16 unset)")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps", "logging_steps"):
-        if getattr(cfg, name) < 1:
-            problems.append(f"--{name} must be at least 1")
-    if problems:
-        raise SystemExit("dpo.py: invalid options:\n  - " + "\n  - ".join(problems))
+    runs.check_options(cfg, problems)  # every range and contradiction, one OptionError listing them all
     if cfg.bf16 is None:
         cfg.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if cfg.output_dir is None:
@@ -183,9 +171,13 @@ def load_model(cfg: Config, name: str, device: torch.device, trainable: bool):
     # reference takes the policy's dtype: a bf16 copy of fp32 weights would differ from the policy before any step
     # (norms and embeddings run outside autocast), and TR-DPO's small updates would round away in bf16.
     dtype = torch.float32 if not cfg.use_peft else compute_dtype
-    model = AutoModelForCausalLM.from_pretrained(
-        name, dtype=dtype, quantization_config=quantization, trust_remote_code=cfg.trust_remote_code,
-        device_map={"": device} if quantization else None)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name, dtype=dtype, quantization_config=quantization, trust_remote_code=cfg.trust_remote_code,
+            device_map={"": device} if quantization else None)
+    except (OSError, ValueError) as err:  # no weights, unreadable weights, an architecture transformers lacks
+        raise runs.RunError(f"could not load the model {name} ({str(err).splitlines()[0]}); check that the folder "
+                            "holds a causal language model saved with save_pretrained") from err
     if not quantization:
         model.to(device)
     if cfg.disable_dropout:
@@ -228,13 +220,13 @@ def check_same_vocabulary(cfg, tokenizer):
         ref_vocab = None
     if ref_vocab is not None and ref_vocab != tokenizer.get_vocab():
         only = sorted(set(tokenizer.get_vocab().items()) ^ set(ref_vocab.items()))[:3]
-        raise SystemExit(f"dpo.py: error: --ref_model {cfg.ref_model} has another tokenizer vocabulary than --model "
+        raise runs.RunError(f"--ref_model {cfg.ref_model} has another tokenizer vocabulary than --model "
                          f"{cfg.model} ({len(ref_vocab):,} vs {len(tokenizer):,} tokens; differing e.g. {only}), so its "
                          "log-probs would score other tokens; use a reference from the same model family and tokenizer")
     sizes = [AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code).get_text_config().vocab_size
              for name in (cfg.model, cfg.ref_model)]
     if sizes[0] != sizes[1]:
-        raise SystemExit(f"dpo.py: error: --ref_model {cfg.ref_model} has an output vocabulary of {sizes[1]:,} and "
+        raise runs.RunError(f"--ref_model {cfg.ref_model} has an output vocabulary of {sizes[1]:,} and "
                          f"--model {cfg.model} of {sizes[0]:,}; the two models must share the vocabulary (a policy "
                          "with added tokens needs a reference with the same resized embeddings)")
 
@@ -256,7 +248,7 @@ def use_reference_columns(cfg, train_set, eval_set):
         math.isfinite(ex["ref_chosen_logps"]) and math.isfinite(ex["ref_rejected_logps"]))), None)
     if bad is not None:
         split, i = ("train", bad) if bad < len(train_set) else ("eval", bad - len(train_set))
-        raise SystemExit(f"dpo.py: error: --precompute_ref_log_probs with reference columns in the data: pair {i} "
+        raise runs.RunError(f"--precompute_ref_log_probs with reference columns in the data: pair {i} "
                          f"of the prepared {split} set has a missing or non-finite ref_chosen_logps/ref_rejected_logps; "
                          "give finite values for every pair or drop both columns to compute them here")
     print(f"reference log-probs: taken from the data's columns for all {len(examples)} pairs (no reference forward)")
@@ -337,7 +329,7 @@ def check_head(model):
     ours = logits_from_hidden(model, model.get_decoder()(input_ids=ids, use_cache=False)[0][0])
     model.train(was_training)
     if ours.shape != theirs.shape or (ours - theirs).abs().max() > 0.02 * theirs.abs().max() + 1e-4:  # bf16 slack
-        raise SystemExit(f"dpo.py: error: {model.config.model_type} ({type(model).__name__}) makes its logits in a way "
+        raise runs.RunError(f"{model.config.model_type} ({type(model).__name__}) makes its logits in a way "
                          "dpo.py does not reproduce; add its step to logits_from_hidden (and tests/test_model_families.py)")
 
 
@@ -384,7 +376,7 @@ def router_aux_loss(model, router_logits, attention_mask):
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped ForCausalLM
     balance = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)  # e.g. modeling_mixtral's
     if balance is None or not hasattr(lm, "num_experts") or lm.config.model_type == "doge":  # doge's takes other arguments
-        raise SystemExit(f"dpo.py: error: {lm.config.model_type}: dpo.py cannot compute its load-balancing loss as "
+        raise runs.RunError(f"{lm.config.model_type}: dpo.py cannot compute its load-balancing loss as "
                          "the model does; train without it: --router_aux_loss_coef 0")
     return balance(router_logits, lm.num_experts, lm.num_experts_per_tok, attention_mask)
 
@@ -393,7 +385,7 @@ def aux_loss_coef(cfg, model):
     """TRL's rule: a model is MoE when its config has output_router_logits; unset takes its router_aux_loss_coef."""
     c = model.config.get_text_config()
     if cfg.router_aux_loss_coef and not hasattr(c, "output_router_logits"):
-        raise SystemExit(f"dpo.py: error: --router_aux_loss_coef: {c.model_type} is not a mixture-of-experts model; drop the option")
+        raise runs.OptionError(f"--router_aux_loss_coef: {c.model_type} is not a mixture-of-experts model; drop the option")
     coef = getattr(c, "router_aux_loss_coef", 0.0) if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef
     return coef if hasattr(c, "output_router_logits") else 0.0
 
@@ -585,7 +577,11 @@ def main(cfg: Config):
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
     # ---- data: rows -> token ids (data.py); the same truncation for training, evaluation and precompute ----
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:  # a hub name that cannot be reached, or no tokenizer files
+        raise runs.RunError(f"could not load the tokenizer of --model {cfg.model} ({str(err).splitlines()[0]}); "
+                            "check the name or path (offline, a hub model must already be in the cache)") from err
     if cfg.ref_model:
         check_same_vocabulary(cfg, tokenizer)
     pad_id = data.pad_token_id(tokenizer)
@@ -715,13 +711,13 @@ def main(cfg: Config):
                 last_checkpoint = save_checkpoint(cfg, step, model, ref_model, optimizer, scheduler)
             bar.update(1)
     except FloatingPointError as err:
-        raise SystemExit(f"dpo.py: {err}. Training stopped; the last good checkpoint is "
+        raise runs.RunError(f"{err}; training stopped, and the last good checkpoint is "
                          f"{last_checkpoint or 'none (no checkpoint was saved yet)'}. Lower --learning_rate or --beta, "
                          "or check the data for empty completions.") from None
     except torch.cuda.OutOfMemoryError:
-        raise SystemExit("dpo.py: out of GPU memory. Reduce it with: --per_device_train_batch_size 1 with "
-                         "--gradient_accumulation_steps N, --gradient_checkpointing, --max_length, --load_in_4bit, "
-                         "--precompute_ref_log_probs (no reference forward), or --optim paged_adamw_8bit.") from None
+        raise runs.RunError("out of GPU memory; reduce it with --per_device_train_batch_size 1 and "
+                            "--gradient_accumulation_steps N, --gradient_checkpointing, --max_length, --load_in_4bit, "
+                            "--precompute_ref_log_probs (no reference forward), or --optim paged_adamw_8bit") from None
     finally:
         bar.close()
         signal.signal(signal.SIGINT, previous_handler)
@@ -789,11 +785,23 @@ def parse_args(argv):
     return resolve(cfg, argv)
 
 
-if __name__ == "__main__":
-    config = parse_args(sys.argv[1:])
-    if config.export_trl:
-        from export_trl import export_trl_command
+def cli(argv):
+    """`python dpo.py ...`: a user error is one line on stderr (the traceback with --debug); a bug keeps its traceback."""
+    config = None
+    try:
+        config = parse_args(argv)
+        if config.export_trl:
+            from export_trl import export_trl_command
 
-        print(export_trl_command(config, sys.argv[1:]))
-    else:
-        main(config)
+            print(export_trl_command(config, argv))
+        else:
+            main(config)
+    except (runs.OptionError, runs.RunError, data.DataError, checkpoints.CheckpointError) as err:
+        if config.debug if config is not None else "--debug" in argv:
+            raise
+        print(f"dpo.py: error: {err}", file=sys.stderr)
+        sys.exit(2 if isinstance(err, runs.OptionError) else 1)
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

@@ -1,0 +1,115 @@
+"""What a user sees when something is wrong: `python dpo.py ...` in a subprocess, as typed, for bad options, bad
+files, bad data, a used output folder and broken checkpoints. Each case asserts the exit code (2 for options, 1 for
+data, files and faults), one `dpo.py: error:` line on stderr with the message's key words, and no traceback.
+
+The subprocesses start together (a thread pool), since most of each one's time is importing torch."""
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+import dpo
+from tiny import make_model_dir, make_preference_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def jsonl(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+PAIR = {"prompt": "the movie was", "chosen": " good", "rejected": " bad"}
+
+
+def make_cases(base: Path) -> dict:
+    """name -> (argv after the common ones, expected exit code, words the message must contain)."""
+    model, dataset = make_model_dir(base / "model"), make_preference_dir(base / "data")
+    (base / "not_a_model").mkdir()
+    (base / "not_a_model" / "notes.txt").write_text("hello")
+    (base / "empty.jsonl").write_text("")
+    (base / "bad.jsonl").write_text(jsonl([PAIR] * 3) + '{"prompt": "x", "chosen": oops}\n')
+    (base / "latin1.jsonl").write_bytes((jsonl([PAIR] * 2) + '{"prompt": "caf\u00e9", "chosen": " a", "rejected": " b"}\n').encode("latin-1"))
+    (base / "null.jsonl").write_text(jsonl([PAIR] * 30 + [{**PAIR, "rejected": None}] + [PAIR] * 9))
+    (base / "used").mkdir()
+    (base / "used" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
+    common = ["--model", model, "--dataset", dataset, "--max_length", "32", "--max_steps", "1", "--show_examples", "0"]
+    out = lambda name: ["--output_dir", str(base / "out" / name)]  # noqa: E731
+    return {
+        # options: exit code 2, before anything loads
+        "beta_0": (common + ["--beta", "0"], 2, ["--beta must be > 0"]),
+        "negative_lr": (common + ["--learning_rate", "-1e-5"], 2, ["--learning_rate must be >= 0"]),
+        "max_length_0": (common + ["--max_length", "0"], 2, ["--max_length must be >= 2"]),
+        "lora_r_0": (common + ["--lora_r", "0"], 2, ["--lora_r must be >= 1"]),
+        "pad_multiple_0": (common + ["--pad_to_multiple_of", "0"], 2, ["--pad_to_multiple_of must be >= 1"]),
+        "two_problems": (common + ["--beta", "-1", "--load_in_4bit", "--use_peft", "False"], 2,
+                         ["--beta must be > 0", "--load_in_4bit trains adapters"]),
+        "unknown_option": (common + ["--betta", "0.1"], 2, ["unrecognized arguments: --betta"]),
+        "bad_loss": (common + ["--loss_type", "sigmoidd"], 2, ["sigmoidd"]),
+        "latest_without_dir": (common + ["--resume_from_checkpoint", "latest"], 2, ["latest looks in --output_dir"]),
+        # files and data: exit code 1
+        "missing_model": (common + ["--model", str(base / "nope")] + out("m1"), 1, ["nope does not exist", "holds"]),
+        "not_a_model": (common + ["--model", str(base / "not_a_model")] + out("m2"), 1, ["holds no model", "config.json"]),
+        "missing_ref_model": (common + ["--ref_model", str(base / "nope_ref")] + out("m3"), 1, ["--ref_model", "does not exist"]),
+        "missing_dataset": (common + ["--dataset", str(base / "nope.jsonl")] + out("d1"), 1, ["does not exist"]),
+        "empty_dataset": (common + ["--dataset", str(base / "empty.jsonl")] + out("d2"), 1, ["no rows", "empty.jsonl"]),
+        "invalid_json": (common + ["--dataset", str(base / "bad.jsonl")] + out("d3"), 1, ["invalid JSON", "bad.jsonl", "line 4"]),
+        "not_utf8": (common + ["--dataset", str(base / "latin1.jsonl")] + out("d4"), 1, ["not UTF-8", "line 3"]),
+        "null_field_row_30": (common + ["--dataset", str(base / "null.jsonl")] + out("d5"), 1,
+                              ["row 30", "null.jsonl", "field 'rejected'"]),
+        "all_dropped": (common + ["--max_length", "3", "--truncation_mode", "keep_start"] + out("d6"), 1,
+                        ["were dropped", "raise max_length"]),
+        "used_output_dir": (common + ["--output_dir", str(base / "used")], 1,
+                            ["is not empty", "--overwrite_output_dir", "--resume_from_checkpoint latest"]),
+        "missing_checkpoint": (common + ["--resume_from_checkpoint", str(base / "out" / "x" / "checkpoint-7")], 1,
+                               ["checkpoint-7", "does not exist"]),
+    }
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    base = tmp_path_factory.mktemp("cli")
+    cases = make_cases(base)
+    assert list(cases) == NAMES
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+    def run(argv):
+        return subprocess.run([sys.executable, str(ROOT / "dpo.py"), *argv], capture_output=True, text=True,
+                              timeout=600, env=env, cwd=base)
+
+    with ThreadPoolExecutor(4) as pool:
+        done = dict(zip(cases, pool.map(run, (argv for argv, _, _ in cases.values()))))
+    return {name: (done[name], code, words) for name, (_, code, words) in cases.items()}
+
+
+NAMES = ["beta_0", "negative_lr", "max_length_0", "lora_r_0", "pad_multiple_0", "two_problems", "unknown_option",
+         "bad_loss", "latest_without_dir", "missing_model", "not_a_model", "missing_ref_model", "missing_dataset",
+         "empty_dataset", "invalid_json", "not_utf8", "null_field_row_30", "all_dropped", "used_output_dir",
+         "missing_checkpoint"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_user_error_is_one_line_with_exit_code_and_no_traceback(results, name):
+    run, code, words = results[name]
+    assert run.returncode == code, (run.returncode, run.stderr[-3000:])
+    assert "Traceback" not in run.stderr, run.stderr[-3000:]
+    lines = [l for l in run.stderr.splitlines() if l.startswith("dpo.py: error:") or l.startswith("usage:")]
+    message = [l for l in run.stderr.splitlines() if "error:" in l][-1]
+    assert lines and message.startswith("dpo.py: error:"), run.stderr[-2000:]
+    for word in words:
+        assert word in message, (word, message)
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "dpo.py"), "--model", str(tmp_path / "nope"), "--debug"],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode != 0 and "Traceback" in run.stderr and "does not exist" in run.stderr
+
+
+def test_options_are_checked_before_the_tokenizer_loads(monkeypatch):
+    """An option error is raised by parse_args, before main() loads anything."""
+    with pytest.raises(dpo.runs.OptionError, match="--beta must be > 0.*--lora_r must be >= 1"):
+        dpo.parse_args(["--beta", "0", "--lora_r", "0"])
