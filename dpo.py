@@ -21,7 +21,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import time
@@ -30,10 +29,10 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import safetensors.torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+import checkpoints
 import data
 import losses
 import runs
@@ -487,68 +486,6 @@ def to_device(batch, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Checkpoints: written to a temporary folder, then renamed into place, so a crash never leaves half of one.
-
-
-def trainable_state(model):
-    return {k: v.detach().cpu().contiguous() for k, v in model.named_parameters() if v.requires_grad}
-
-
-def save_checkpoint(cfg, step, model, ref_model, optimizer, scheduler):
-    out = Path(cfg.output_dir)
-    final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainable_state(model), tmp / "trainable.safetensors")
-    if cfg.sync_ref_model:  # TR-DPO changes the reference too. save_model stores tied weights (embedding = LM head) once
-        safetensors.torch.save_model(ref_model, str(tmp / "ref_model.safetensors"))
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    rng = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state()
-    save_file(rng, tmp / "rng.safetensors")
-    (tmp / "trainer_state.json").write_text(json.dumps({"global_step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # atomic: the checkpoint exists whole or not at all
-    if cfg.save_total_limit:
-        for old in sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[:-cfg.save_total_limit]:
-            shutil.rmtree(old)
-    return final
-
-
-def find_checkpoint(cfg):
-    if cfg.resume_from_checkpoint != "latest":
-        return Path(cfg.resume_from_checkpoint)
-    found = sorted(Path(cfg.output_dir).glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    if not found:
-        raise SystemExit(f"dpo.py: --resume_from_checkpoint latest: no checkpoint-* folder in {cfg.output_dir}")
-    return found[-1]
-
-
-def load_checkpoint(path, model, ref_model, optimizer, scheduler):
-    """Restore weights, optimizer, scheduler and RNG. Only tensors and plain containers are unpickled
-    (weights_only=True): a checkpoint from elsewhere cannot run code here."""
-    try:
-        state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle.UnpicklingError for anything but tensors and plain data
-        raise SystemExit(f"dpo.py: refusing {path / 'optimizer.pt'}: it holds more than tensors and plain data "
-                         f"({type(err).__name__}); delete the checkpoint or start without --resume_from_checkpoint") from None
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for k, v in load_file(path / "trainable.safetensors").items():
-            params[k].copy_(v)
-        if (path / "ref_model.safetensors").exists():
-            safetensors.torch.load_model(ref_model, path / "ref_model.safetensors", device=str(next(ref_model.parameters()).device))
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    rng = load_file(path / "rng.safetensors")
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return json.loads((path / "trainer_state.json").read_text())["global_step"]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 
 
 def make_optimizer(cfg, model):
@@ -572,9 +509,15 @@ def main(cfg: Config):
     if device.type == "cpu" and cfg.cpu_threads:
         torch.set_num_threads(cfg.cpu_threads)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     print(json.dumps(dataclasses.asdict(cfg), indent=1))
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    # ---- before anything heavy: model paths, the output folder, and what a resumed run may change (runs.py) ----
+    for option, name in (("--model", cfg.model), ("--ref_model", cfg.ref_model)):
+        if name:
+            runs.check_model_path(option, name)
+    runs.check_output_dir(cfg)
+    checkpoint = checkpoints.find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
+    if checkpoint:
+        runs.check_resume(cfg, checkpoint)
 
     # ---- data: rows -> token ids (data.py); the same truncation for training, evaluation and precompute ----
     try:
@@ -609,6 +552,10 @@ def main(cfg: Config):
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable parameters: {n_train:,} of {count_parameters(model):,}")
+    out.mkdir(parents=True, exist_ok=True)  # written only now that the options, the data and the models are good
+    if cfg.overwrite_output_dir and not checkpoint:
+        runs.clear_output_dir(out)
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
 
     if cfg.precompute_ref_log_probs and "ref_chosen_logps" not in train_set[0]:  # (else: given in the data)
         # The cache is keyed on what the numbers depend on: the reference's weights themselves (not their path, which
@@ -636,27 +583,31 @@ def main(cfg: Config):
     optimizer = make_optimizer(cfg, model)
     scheduler = get_scheduler({"constant": "constant_with_warmup"}.get(cfg.lr_scheduler_type, cfg.lr_scheduler_type),
                               optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
-    step = 0
-    if cfg.resume_from_checkpoint:
-        checkpoint = find_checkpoint(cfg)
-        step = load_checkpoint(checkpoint, model, ref_model, optimizer, scheduler)
+    step, window, window_tokens, window_seconds = 0, {}, 0, 0.0  # the open logging window: metrics since the last log
+    if checkpoint:  # a checkpoint holds the open window too, so that the next logged line equals an uninterrupted run's
+        state = checkpoints.load_checkpoint(checkpoint, model, ref_model, optimizer, scheduler)
+        step, window_tokens, window_seconds = state["global_step"], state.get("window_tokens", 0), state.get("window_seconds", 0.0)
+        window = {k: [torch.tensor(x, device=device) for x in v] for k, v in state.get("window", {}).items()}
         print(f"resumed from {checkpoint} at step {step}")
     metrics_file = out / "metrics.jsonl"
-    kept = [l for l in metrics_file.read_text().splitlines() if json.loads(l)["step"] <= step] if metrics_file.exists() else []
-    metrics_file.write_text("".join(l + "\n" for l in kept))  # a resumed run rewrites what came after its checkpoint
+    kept = [r for r in checkpoints.read_metrics(metrics_file) if r["step"] <= step]  # (a half-written last line dropped)
+    metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))  # a resumed run rewrites what came after its checkpoint
 
     def log(record):
         with metrics_file.open("a") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
 
+    def trainer_state():  # what a checkpoint needs besides the weights: the step, the open window, the options
+        return {"global_step": step, "window": {k: [float(x) for x in v] for k, v in window.items()},
+                "window_tokens": window_tokens, "window_seconds": window_seconds, "config": dataclasses.asdict(cfg)}
+
     # ---- the loop ----
-    stop = {"signal": False}
-    previous_handler = signal.signal(signal.SIGINT, lambda *_: stop.update(signal=True))  # Ctrl-C: finish the step, save, exit
-    window, window_tokens, window_seconds = {}, 0, 0.0
+    stop = {"signal": None}  # Ctrl-C (SIGINT) or a job scheduler's SIGTERM: finish the step, save, exit
+    previous = {sig: signal.signal(sig, lambda sig, _: stop.update(signal=sig)) for sig in (signal.SIGINT, signal.SIGTERM)}
     bar = tqdm(total=total_steps, initial=step, desc="dpo", dynamic_ncols=True)
     last_checkpoint, trainable, shuffled_epoch = None, [p for p in model.parameters() if p.requires_grad], None
     try:
-        while step < total_steps and not stop["signal"]:
+        while step < total_steps and stop["signal"] is None:
             epoch, offset = divmod(step, steps_per_epoch)
             if epoch != shuffled_epoch:  # each epoch's order depends only on (seed, epoch): a resumed run sees the same
                 order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
@@ -680,6 +631,8 @@ def main(cfg: Config):
                 for k, v in metrics.items():
                     window.setdefault(k, []).append(v)
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            if not torch.isfinite(grad_norm):  # stop before the optimizer writes inf/NaN into the weights
+                raise FloatingPointError(f"non-finite gradient norm ({float(grad_norm)}) at step {step + 1}")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -708,29 +661,33 @@ def main(cfg: Config):
                 log(record)
                 tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in {"step": step, **record}.items()))
             if cfg.save_steps and step % cfg.save_steps == 0:
-                last_checkpoint = save_checkpoint(cfg, step, model, ref_model, optimizer, scheduler)
+                last_checkpoint = checkpoints.save_checkpoint(cfg.output_dir, step, model, ref_model, optimizer, scheduler,
+                                                              trainer_state(), cfg.save_total_limit, cfg.sync_ref_model)
             bar.update(1)
     except FloatingPointError as err:
         raise runs.RunError(f"{err}; training stopped, and the last good checkpoint is "
-                         f"{last_checkpoint or 'none (no checkpoint was saved yet)'}. Lower --learning_rate or --beta, "
-                         "or check the data for empty completions.") from None
+                            f"{last_checkpoint or checkpoints.last_intact(out) or 'none (no checkpoint was saved yet)'}; "
+                            "lower --learning_rate or --beta, or check the data") from None
     except torch.cuda.OutOfMemoryError:
         raise runs.RunError("out of GPU memory; reduce it with --per_device_train_batch_size 1 and "
                             "--gradient_accumulation_steps N, --gradient_checkpointing, --max_length, --load_in_4bit, "
                             "--precompute_ref_log_probs (no reference forward), or --optim paged_adamw_8bit") from None
     finally:
         bar.close()
-        signal.signal(signal.SIGINT, previous_handler)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if stop["signal"]:
-        path = save_checkpoint(cfg, step, model, ref_model, optimizer, scheduler)
-        raise SystemExit(f"interrupted: saved {path}; continue with --resume_from_checkpoint {path}")
+        path = checkpoints.save_checkpoint(cfg.output_dir, step, model, ref_model, optimizer, scheduler,
+                                           trainer_state(), cfg.save_total_limit, cfg.sync_ref_model)
+        raise SystemExit(f"interrupted ({signal.Signals(stop['signal']).name}): saved {path}; "
+                         f"continue with --resume_from_checkpoint {path}")
 
     # ---- the end: evaluation, the model, curves, samples ----
     final_eval = evaluate(cfg, model, ref_model, eval_set, pad_id, autocast) if eval_set else {}
     if final_eval:
         log(final_eval)
         print(" ".join(f"{k}={v:.4g}" for k, v in final_eval.items()))
-    save_model(cfg, model, tokenizer, out)
+    checkpoints.save_model(cfg, model, tokenizer, out)
     plot_curves(metrics_file, out / "curves.png")
     if cfg.sample_eval and eval_set:
         from sample_eval import sample_eval
@@ -746,24 +703,10 @@ def main(cfg: Config):
     return final_eval
 
 
-def save_model(cfg, model, tokenizer, out):
-    """Full fine-tuning: the model; LoRA: the adapter (AutoPeftModelForCausalLM loads it), and with
-    --merge_adapter also the merged model. Always safetensors."""
-    model.save_pretrained(out / "model", safe_serialization=True)
-    tokenizer.save_pretrained(out / "model")
-    if cfg.use_peft and cfg.merge_adapter:
-        if cfg.load_in_4bit:
-            print("note: --merge_adapter with --load_in_4bit: reload the base in bf16 and merge with peft; skipped here")
-        else:
-            copy.deepcopy(model).merge_and_unload().save_pretrained(out / "merged", safe_serialization=True)
-            tokenizer.save_pretrained(out / "merged")
-    print(f"saved the model in {out / 'model'}")
-
-
 def plot_curves(metrics_file, png):
     from matplotlib.figure import Figure  # not pyplot: no global backend switch (notebooks keep their inline plots)
 
-    records = [json.loads(l) for l in metrics_file.read_text().splitlines()]
+    records = checkpoints.read_metrics(metrics_file)
     train = [r for r in records if "loss" in r]
     evals = [r for r in records if "eval_loss" in r]
     fig = Figure(figsize=(18, 3.6))

@@ -137,13 +137,17 @@ MAY_CHANGE_ON_RESUME = {"logging_steps", "eval_steps", "save_steps", "save_total
                         "overwrite_output_dir", "debug", "export_trl"}
 
 
-def check_resume(cfg, checkpoint: Path, saved: dict | None):
+def check_resume(cfg, checkpoint: Path):
     """The run a checkpoint continues must be the same run: an option that changes its numbers (learning rate,
     schedule length, data, loss, ...) is refused, naming both values; the others are applied and stated."""
+    try:
+        saved = json.loads((checkpoint / "trainer_state.json").read_text()).get("config")
+    except (OSError, ValueError):  # a broken checkpoint: load_checkpoint names the file against its manifest
+        saved = None
     if saved is None:
         print(f"note: {checkpoint} records no options (an older checkpoint): resuming with the options given")
         return
-    now = {k: v for k, v in vars(cfg).items()}
+    now = json.loads(json.dumps(vars(cfg)))  # the same types as the saved JSON
     changed = {k: (saved[k], now[k]) for k in saved if k in now and saved[k] != now[k]}
     refused = {k: v for k, v in changed.items() if k not in MAY_CHANGE_ON_RESUME}
     if refused:

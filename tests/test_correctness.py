@@ -143,7 +143,7 @@ def test_reference_columns_are_used_with_precompute(tiny, tmp_path):
 @pytest.mark.parametrize("bad", [float("nan"), None])
 def test_reference_columns_missing_or_non_finite_are_an_error(tiny, tmp_path, bad):
     given = dataset_with_reference_columns(tmp_path, lambda i: bad if i == 5 else -30.0, lambda i: -20.0)
-    with pytest.raises(SystemExit, match="missing or non-finite ref_chosen_logps"):
+    with pytest.raises(dpo.runs.RunError, match="missing or non-finite ref_chosen_logps"):
         dpo.main(config(tiny, tmp_path / "out", "--dataset", given, "--max_steps", "1", "--precompute_ref_log_probs"))
 
 
@@ -169,7 +169,7 @@ def test_precompute_cache_follows_the_weights_not_the_path(tiny, tmp_path):
 def test_ref_model_with_another_vocabulary_is_refused_before_loading(tiny, tmp_path, monkeypatch, other):
     ref = make_model_dir(tmp_path / "ref", **other)
     monkeypatch.setattr(dpo, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the check"))
-    with pytest.raises(SystemExit, match="vocabulary"):
+    with pytest.raises(dpo.runs.RunError, match="vocabulary"):
         dpo.main(config(tiny, tmp_path / "out", "--ref_model", ref, "--max_steps", "1"))
 
 
@@ -283,7 +283,7 @@ def test_max_length_that_scores_no_token_is_an_error_before_the_model_loads(tiny
         data.prepare_dataset([{"prompt": "the movie was", "chosen": " good", "rejected": " bad"}], make_tokenizer(),
                              max_length=1, counts=counts, verbose=False)
     monkeypatch.setattr(dpo, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the check"))
-    with pytest.raises((ValueError, SystemExit), match="max_length"):
+    with pytest.raises(data.DataError, match="max_length"):
         dpo.main(config(tiny, tmp_path, "--max_length", "1", "--max_steps", "1"))
 
 

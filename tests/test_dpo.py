@@ -1,4 +1,5 @@
 """The trainer, end to end, on a tiny random Llama and a small learnable preference set (CPU, nothing downloaded)."""
+import hashlib
 import json
 import math
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoints
 import data
 import dpo
 import losses
@@ -195,7 +197,7 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkey
     args = ("--max_steps", "6", "--use_peft", "False", "--save_steps", "100", "--eval_steps", "3")
     dpo.main(config(tiny, tmp_path / "straight", *args))
     interrupt_at_step(monkeypatch, 3)  # Ctrl-C during step 3: the step finishes, a checkpoint is saved
-    with pytest.raises(SystemExit, match="interrupted: saved .*checkpoint-3"):
+    with pytest.raises(SystemExit, match=r"interrupted \(SIGINT\): saved .*checkpoint-3"):
         dpo.main(config(tiny, tmp_path / "resumed", *args))
     monkeypatch.undo()
     dpo.main(config(tiny, tmp_path / "resumed", *args, "--resume_from_checkpoint", "latest"))
@@ -209,20 +211,21 @@ def test_interrupt_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkey
 
 
 def test_a_checkpoint_is_never_half_written(tiny, tmp_path, monkeypatch):
-    """A crash while writing leaves only the .tmp folder, which `latest` never picks."""
+    """A failure while writing removes the .tmp folder (a killed process leaves it, and `latest` never picks it)."""
     cfg = config(tiny, tmp_path, "--max_steps", "4", "--save_steps", "2", "--use_peft", "False")
-    real = dpo.save_file
+    real = checkpoints.save_file
 
     def failing(tensors, filename, *a, **k):
         if "checkpoint-4" in str(filename) and "rng" in str(filename):
             raise OSError("disk full")
         return real(tensors, filename, *a, **k)
 
-    monkeypatch.setattr(dpo, "save_file", failing)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(checkpoints, "save_file", failing)
+    with pytest.raises(checkpoints.CheckpointError, match="could not write .*checkpoint-4.*disk full.*intact checkpoint is .*checkpoint-2"):
         dpo.main(cfg)
     assert (tmp_path / "checkpoint-2").is_dir() and not (tmp_path / "checkpoint-4").exists()
-    assert dpo.find_checkpoint(dpo.parse_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])).name == "checkpoint-2"
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-2"
 
 
 def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tiny, tmp_path, monkeypatch):
@@ -235,7 +238,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tiny, tmp_path, m
         return (out[0] * float("nan"),) + out[1:] if calls["n"] == 3 else out
 
     monkeypatch.setattr(losses, "dpo_loss", poisoned)
-    with pytest.raises(SystemExit, match=r"non-finite loss \(nan\) at step 3.*checkpoint-2"):
+    with pytest.raises(dpo.runs.RunError, match=r"non-finite loss \(nan\) at step 3.*checkpoint-2"):
         dpo.main(config(tiny, tmp_path, "--max_steps", "5", "--save_steps", "2"))
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
     monkeypatch.undo()
@@ -257,10 +260,15 @@ def test_contradictory_options_fail_before_any_model_is_loaded(argv, message):
 
 
 def test_a_checkpoint_with_a_pickled_object_is_refused_not_executed(tiny, tmp_path):
+    """Even with a manifest that matches it (an attacker can write both), the pickled object is never run."""
     dpo.main(config(tiny, tmp_path, "--max_steps", "2", "--save_steps", "2"))
-    marker = tmp_path / "pwned"
-    torch.save({"optimizer": Exploit(str(marker)), "scheduler": {}}, tmp_path / "checkpoint-2" / "optimizer.pt")
-    with pytest.raises(SystemExit, match="refusing"):
+    marker, folder = tmp_path / "pwned", tmp_path / "checkpoint-2"
+    torch.save({"optimizer": Exploit(str(marker)), "scheduler": {}}, folder / "optimizer.pt")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["files"]["optimizer.pt"] = {"size": (folder / "optimizer.pt").stat().st_size,
+                                         "sha256": hashlib.sha256((folder / "optimizer.pt").read_bytes()).hexdigest()}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(checkpoints.CheckpointError, match="refusing .*optimizer.pt: it holds more than tensors and plain data"):
         dpo.main(config(tiny, tmp_path, "--max_steps", "3", "--resume_from_checkpoint", "latest"))
     assert not marker.exists()
 

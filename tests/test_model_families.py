@@ -118,7 +118,7 @@ def test_unknown_head_is_refused():
 
     torch.manual_seed(0)
     model = TripledLlama(transformers.LlamaConfig(**BASE)).eval()
-    with pytest.raises(SystemExit, match=r"dpo.py: error: llama \(TripledLlama\).*logits_from_hidden"):
+    with pytest.raises(dpo.runs.RunError, match=r"llama \(TripledLlama\).*logits_from_hidden"):
         dpo.check_head(model)
 
 
@@ -192,5 +192,5 @@ def test_router_gets_a_balancing_gradient():
 def test_router_aux_loss_coef_on_a_dense_model_is_refused():
     model = build("LlamaConfig", "LlamaForCausalLM", {})
     assert dpo.aux_loss_coef(dpo.Config(), model) == 0.0  # unset: nothing to add
-    with pytest.raises(SystemExit, match="not a mixture-of-experts model"):
+    with pytest.raises(dpo.runs.OptionError, match="not a mixture-of-experts model"):
         dpo.aux_loss_coef(dpo.Config(router_aux_loss_coef=0.01), model)
