@@ -192,6 +192,9 @@ def load_model(cfg: Config, name: str, device: torch.device, trainable: bool):
         # LM head are frozen and large (1B params on Llama-3-8B), so they go back to the compute dtype.
         for module in (model.get_input_embeddings(), model.get_output_embeddings()):
             module.to(compute_dtype)
+        for module in model.modules():  # bitsandbytes on a CPU repacks 4-bit weights at the first eval-mode forward, for
+            if hasattr(module, "support_avx512bf16_for_cpu"):  # a kernel with no backward: later gradients would be wrong
+                module.support_avx512bf16_for_cpu = False
     if not trainable:
         return model.eval().requires_grad_(False)
     if cfg.gradient_checkpointing and not cfg.load_in_4bit:  # (4-bit: enabled by the k-bit preparation above)
@@ -588,6 +591,7 @@ def main(cfg: Config):
         state = checkpoints.load_checkpoint(checkpoint, model, ref_model, optimizer, scheduler)
         step, window_tokens, window_seconds = state["global_step"], state.get("window_tokens", 0), state.get("window_seconds", 0.0)
         window = {k: [torch.tensor(x, device=device) for x in v] for k, v in state.get("window", {}).items()}
+        runs.set_peak_learning_rate(scheduler, cfg.learning_rate)  # a --learning_rate changed on resume is applied
         print(f"resumed from {checkpoint} at step {step}")
     metrics_file = out / "metrics.jsonl"
     kept = [r for r in checkpoints.read_metrics(metrics_file) if r["step"] <= step]  # (a half-written last line dropped)
@@ -667,7 +671,7 @@ def main(cfg: Config):
     except FloatingPointError as err:
         raise runs.RunError(f"{err}; training stopped, and the last good checkpoint is "
                             f"{last_checkpoint or checkpoints.last_intact(out) or 'none (no checkpoint was saved yet)'}; "
-                            "lower --learning_rate or --beta, or check the data") from None
+                            "resume from it with a lower --learning_rate, or check the data") from None
     except torch.cuda.OutOfMemoryError:
         raise runs.RunError("out of GPU memory; reduce it with --per_device_train_batch_size 1 and "
                             "--gradient_accumulation_steps N, --gradient_checkpointing, --max_length, --load_in_4bit, "
@@ -724,7 +728,10 @@ def plot_curves(metrics_file, png):
 def parse_args(argv):
     from transformers import HfArgumentParser
 
-    (cfg,) = HfArgumentParser(Config).parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(Config)
+    cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:  # argparse's own message and exit code 2, with the usage line
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     return resolve(cfg, argv)
 
 

@@ -106,8 +106,9 @@ RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "sample_eval.json", "
 
 
 def run_entries(out: Path) -> list[Path]:
-    """What an earlier run left in `out`: its files, checkpoint-<step>/ folders, temporary folders, caches."""
-    return sorted(p for p in out.iterdir() if p.name in RUN_FILES or p.name.startswith(("ref_logps-", ".tmp-"))
+    """What an earlier run left in `out`: its files, checkpoint-<step>/ folders, temporary folders. The reference
+    caches (ref_logps-*) stay: they are keyed on the weights and the tokens, so a new run can only reuse its own."""
+    return sorted(p for p in out.iterdir() if p.name in RUN_FILES or p.name.startswith(".tmp-")
                   or (p.name.startswith("checkpoint-") and p.name.removeprefix("checkpoint-").isdigit()))
 
 
@@ -131,8 +132,9 @@ def clear_output_dir(out: Path):
 # ----------------------------------------------------------------------------------------------------------------
 # Resuming
 
-# Options that change no number of the training it continues: they may differ on resume, and the change is stated.
-MAY_CHANGE_ON_RESUME = {"logging_steps", "eval_steps", "save_steps", "save_total_limit", "sample_eval", "show_examples",
+# Options that may differ on resume; the change is stated. All but the learning rate change no number of the training
+# (the learning rate is what one lowers to resume past a divergence: set_peak_learning_rate applies it).
+MAY_CHANGE_ON_RESUME = {"learning_rate", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "sample_eval", "show_examples",
                         "cpu_threads", "per_device_eval_batch_size", "output_dir", "resume_from_checkpoint",
                         "overwrite_output_dir", "debug", "export_trl"}
 
@@ -154,9 +156,18 @@ def check_resume(cfg, checkpoint: Path):
         listed = ", ".join(f"--{k} {json.dumps(new)} (the checkpoint was trained with {json.dumps(old)})"
                            for k, (old, new) in refused.items())
         raise RunError(f"resuming {checkpoint} with other options than it was trained with: {listed}; these change the "
-                       "training it continues (a schedule built for another length makes the learning rate jump): "
+                       "training it continues (a schedule built for another length would make the learning rate jump): "
                        "resume with the checkpoint's options, or start a new run from its weights")
     for k, (old, new) in changed.items():
         if k not in ("resume_from_checkpoint", "output_dir", "overwrite_output_dir"):
             print(f"resume: --{k} changed from {json.dumps(old)} to {json.dumps(new)}: applied from step "
                   f"{checkpoint.name.removeprefix('checkpoint-')} on")
+
+
+def set_peak_learning_rate(scheduler, lr: float):
+    """After resuming, the schedule runs at --learning_rate: its shape and position are kept, its peak is the given
+    one (the restored scheduler would otherwise keep the checkpoint's). A no-op when the rate is unchanged."""
+    scheduler.base_lrs = [lr for _ in scheduler.base_lrs]
+    for group, lr_lambda in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = lr, lr * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() reports

@@ -232,10 +232,10 @@ def config(tiny, out, *extra):
 
 
 def test_resume_tolerates_a_half_written_metrics_line(tiny, tmp_path, capsys):
-    dpo.main(config(tiny, tmp_path, "--max_steps", "2", "--save_steps", "2"))
+    dpo.main(config(tiny, tmp_path, "--max_steps", "3", "--save_steps", "2"))
     with (tmp_path / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 3, "loss": 0.6')  # the process died in the middle of this write
-    dpo.main(config(tiny, tmp_path, "--max_steps", "3", "--resume_from_checkpoint", "latest"))
+        f.write('{"step": 4, "loss": 0.6')  # the process died in the middle of this write
+    dpo.main(config(tiny, tmp_path, "--max_steps", "3", "--save_steps", "2", "--resume_from_checkpoint", "latest"))
     assert "dropped the last line" in capsys.readouterr().out
     records = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]

@@ -5,6 +5,7 @@ data, files and faults), one `dpo.py: error:` line on stderr with the message's 
 The subprocesses start together (a thread pool), since most of each one's time is importing torch."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -38,10 +39,16 @@ def make_cases(base: Path) -> dict:
     (base / "used" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
     common = ["--model", model, "--dataset", dataset, "--max_length", "32", "--max_steps", "1", "--show_examples", "0"]
     out = lambda name: ["--output_dir", str(base / "out" / name)]  # noqa: E731
+    trained = common[:-4] + ["--max_steps", "2", "--save_steps", "1", "--use_peft", "False", "--show_examples", "0"]
+    if not (base / "trained").exists():  # a finished run with checkpoint-1 and checkpoint-2, and a copy to break
+        dpo.main(dpo.parse_args(trained + ["--output_dir", str(base / "trained")]))
+        shutil.copytree(base / "trained", base / "broken")
+        optimizer = base / "broken" / "checkpoint-2" / "optimizer.pt"
+        optimizer.write_bytes(optimizer.read_bytes()[:100])  # a partly written file
     return {
         # options: exit code 2, before anything loads
         "beta_0": (common + ["--beta", "0"], 2, ["--beta must be > 0"]),
-        "negative_lr": (common + ["--learning_rate", "-1e-5"], 2, ["--learning_rate must be >= 0"]),
+        "negative_lr": (common + ["--learning_rate", "-0.001"], 2, ["--learning_rate must be >= 0"]),
         "max_length_0": (common + ["--max_length", "0"], 2, ["--max_length must be >= 2"]),
         "lora_r_0": (common + ["--lora_r", "0"], 2, ["--lora_r must be >= 1"]),
         "pad_multiple_0": (common + ["--pad_to_multiple_of", "0"], 2, ["--pad_to_multiple_of must be >= 1"]),
@@ -66,6 +73,12 @@ def make_cases(base: Path) -> dict:
                             ["is not empty", "--overwrite_output_dir", "--resume_from_checkpoint latest"]),
         "missing_checkpoint": (common + ["--resume_from_checkpoint", str(base / "out" / "x" / "checkpoint-7")], 1,
                                ["checkpoint-7", "does not exist"]),
+        "resume_longer": (trained + ["--output_dir", str(base / "trained"), "--max_steps", "5",
+                                     "--resume_from_checkpoint", "latest"], 1, ["--max_steps 5", "trained with 2"]),
+        "truncated_optimizer": (trained + ["--output_dir", str(base / "broken"), "--resume_from_checkpoint", "latest"], 1,
+                                ["optimizer.pt does not match its manifest", "checkpoint-1"]),
+        "diverged": (trained + ["--output_dir", str(base / "out" / "nan"), "--learning_rate", "1e8", "--optim",
+                                "rmsprop", "--max_steps", "30"], 1, ["non-finite", "last good checkpoint is", "checkpoint-"]),
     }
 
 
@@ -88,7 +101,7 @@ def results(tmp_path_factory):
 NAMES = ["beta_0", "negative_lr", "max_length_0", "lora_r_0", "pad_multiple_0", "two_problems", "unknown_option",
          "bad_loss", "latest_without_dir", "missing_model", "not_a_model", "missing_ref_model", "missing_dataset",
          "empty_dataset", "invalid_json", "not_utf8", "null_field_row_30", "all_dropped", "used_output_dir",
-         "missing_checkpoint"]
+         "missing_checkpoint", "resume_longer", "truncated_optimizer", "diverged"]
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -49,7 +49,8 @@ def assert_policy_is_reference(first):
     [],                                               # LoRA: adapters off
     ["--use_peft", "False", "--ref_model", "MODEL"],  # an explicit reference with the policy's own weights
     ["--ref_model", "MODEL"],                         # LoRA with an explicit reference
-], ids=["full", "lora", "full+ref_model", "lora+ref_model"])
+    ["--load_in_4bit", "--ref_model", "MODEL"],       # QLoRA with an explicit (also 4-bit) reference
+], ids=["full", "lora", "full+ref_model", "lora+ref_model", "qlora+ref_model"])
 def test_bf16_autocast_first_step_is_ln2_in_every_mode(tiny, tmp_path, mode):
     """The bf16 code path (autocast over the policy's weights) on the CPU. A reference cast to bf16 while the
     policy keeps fp32 weights computes other numbers (norms and embeddings run outside autocast), so loss != ln 2."""
@@ -60,15 +61,38 @@ def test_bf16_autocast_first_step_is_ln2_in_every_mode(tiny, tmp_path, mode):
     assert_policy_is_reference(records(tmp_path)[0])
 
 
-def test_qlora_with_a_separate_4bit_reference_matches_up_to_the_cpu_inference_kernel(tiny, tmp_path):
-    """QLoRA + --ref_model: the reference is loaded and prepared like the policy's base (same 4-bit weights, norms in
-    fp32). On a CPU with AVX512-bf16, bitsandbytes runs a frozen model in eval mode through another 4-bit kernel
-    (a repacked weight) than the training-mode policy, so the two agree to ~1e-3 rather than exactly; a GPU runs
-    both through the same dequantize-and-matmul."""
-    dpo.main(config(tiny, tmp_path, "--max_steps", "1", "--bf16", "True", "--load_in_4bit", "--ref_model", tiny["model"]))
-    first = records(tmp_path)[0]
-    assert first["loss"] == pytest.approx(LN2, abs=1e-3)
-    assert abs(first["rewards/margins"]) < 1e-3
+def test_qlora_gradients_are_the_same_after_an_evaluation(tiny):
+    """On a CPU, bitsandbytes repacks 4-bit weights at the first eval-mode forward (an evaluation, or a frozen
+    reference) for an inference kernel that has no backward; training after it got wrong LoRA gradients. load_model
+    turns that repacking off: the gradients after an eval-mode forward equal those before."""
+    cfg = config(tiny, "unused", "--load_in_4bit")
+    batch = tiny_batch(tiny)
+    grads = []
+    for evaluate_first in (False, True):
+        torch.manual_seed(0)  # the same LoRA A init
+        model = dpo.load_model(cfg, tiny["model"], torch.device("cpu"), trainable=True)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.copy_(torch.linspace(-0.1, 0.1, p.numel()).reshape(p.shape))  # gradients reach lora_A too
+        if evaluate_first:
+            model.eval()
+            with torch.no_grad():
+                dpo.completion_logps(model, batch)
+            model.train()
+        dpo.completion_logps(model, batch)[0].sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=0, rtol=0)
+
+
+def tiny_batch(tiny, n=4):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
+    train, _ = data.load_preference_dataset(tiny["dataset"])
+    return data.collate(data.prepare_dataset(train.select(range(n)), tokenizer, max_length=32, verbose=False),
+                        data.pad_token_id(tokenizer), 32)
 
 
 def test_tr_dpo_interpolates_in_the_master_dtype(tiny, tmp_path):
@@ -155,7 +179,8 @@ def test_precompute_cache_follows_the_weights_not_the_path(tiny, tmp_path):
     dpo.main(config(tiny, tmp_path / "out", "--model", str(path), "--max_steps", "1", "--precompute_ref_log_probs"))
     shutil.rmtree(path)
     make_model_dir(path, seed=1)  # new weights, same path
-    dpo.main(config(tiny, tmp_path / "out", "--model", str(path), "--max_steps", "1", "--precompute_ref_log_probs"))
+    dpo.main(config(tiny, tmp_path / "out", "--model", str(path), "--max_steps", "1", "--precompute_ref_log_probs",
+                    "--overwrite_output_dir"))  # (the content-keyed cache survives the overwrite)
     assert_policy_is_reference(records(tmp_path / "out")[0])
     assert len(list((tmp_path / "out").glob("ref_logps-*.safetensors"))) == 2
 
@@ -282,9 +307,8 @@ def test_max_length_that_scores_no_token_is_an_error_before_the_model_loads(tiny
     with pytest.raises(ValueError, match="were dropped.*no completion token to score.*raise max_length"):
         data.prepare_dataset([{"prompt": "the movie was", "chosen": " good", "rejected": " bad"}], make_tokenizer(),
                              max_length=1, counts=counts, verbose=False)
-    monkeypatch.setattr(dpo, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the check"))
-    with pytest.raises(data.DataError, match="max_length"):
-        dpo.main(config(tiny, tmp_path, "--max_length", "1", "--max_steps", "1"))
+    with pytest.raises(dpo.runs.OptionError, match="--max_length must be >= 2"):  # the CLI refuses it as an option
+        config(tiny, tmp_path, "--max_length", "1", "--max_steps", "1")
 
 
 def test_max_length_two_scores_one_token_per_sequence():

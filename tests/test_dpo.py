@@ -242,7 +242,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tiny, tmp_path, m
         dpo.main(config(tiny, tmp_path, "--max_steps", "5", "--save_steps", "2"))
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
     monkeypatch.undo()
-    dpo.main(config(tiny, tmp_path, "--max_steps", "3", "--save_steps", "2", "--resume_from_checkpoint", "latest"))
+    dpo.main(config(tiny, tmp_path, "--max_steps", "5", "--save_steps", "2", "--resume_from_checkpoint", "latest"))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -269,7 +269,7 @@ def test_a_checkpoint_with_a_pickled_object_is_refused_not_executed(tiny, tmp_pa
                                          "sha256": hashlib.sha256((folder / "optimizer.pt").read_bytes()).hexdigest()}
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(checkpoints.CheckpointError, match="refusing .*optimizer.pt: it holds more than tensors and plain data"):
-        dpo.main(config(tiny, tmp_path, "--max_steps", "3", "--resume_from_checkpoint", "latest"))
+        dpo.main(config(tiny, tmp_path, "--max_steps", "2", "--save_steps", "2", "--resume_from_checkpoint", "latest"))
     assert not marker.exists()
 
 
