@@ -7,11 +7,16 @@ Model is Secretly a Reward Model", 2023, arXiv:2305.18290, Eq. 7), so every sequ
 
     prepare_dataset:  row --check--> (prompt, chosen, rejected) --EOS (strings only)--> tokenize
                       --> prompt_ids, chosen_ids, rejected_ids --(a) max_prompt_length, (b) max_completion_length
-    collate:          B rows --(c) max_length, each sequence--> right-pad
+                      --(c) max_length, the pair together (truncation_scope "pair", the default)
+    collate:          B rows --(c) max_length, each sequence (truncation_scope "row", TRL's rule)--> right-pad
                       --> input_ids [2B, T] = [prompt+chosen rows; prompt+rejected rows], masks
 
 The rules are Hugging Face TRL 1.16's (`DPOTrainer._prepare_dataset`, `DataCollatorForPreference`); with (a) and (b)
-unset the batches equal TRL's token for token. Where this file differs from TRL 1.16, on purpose:
+unset and truncation_scope "row" the batches equal TRL's token for token. Where this file differs from TRL 1.16, on
+purpose:
+  - max_length cuts a pair as a pair (`truncate_pair`): both completions keep the same prompt tokens. DPO compares
+    log pi(y_w|x) with log pi(y_l|x) under one prompt x; that is what makes beta * log Z(x) cancel in Eq. 7. TRL cuts
+    each sequence on its own, so under keep_end a long pair's two completions can see different prompts.
   - `truncation_mode` defaults to "keep_end" (TRL: "keep_start"): cutting the start of a long prompt keeps the
     response and its EOS, which is what the preference is about.
   - `max_prompt_length` and `max_completion_length` exist (TRL removed them in v0.29).
@@ -35,6 +40,7 @@ import datasets
 import torch
 
 TRUNCATION_MODES = ("keep_end", "keep_start")
+TRUNCATION_SCOPES = ("pair", "row")  # max_length cuts a pair as a pair (one prompt for both), or each sequence alone
 ROLES = ("system", "developer", "user", "assistant", "tool")
 EVAL_SPLITS = ("test", "validation", "eval")  # used as the eval split, in this order, when eval_split is not given
 FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # suffix -> datasets builder
@@ -51,6 +57,8 @@ COUNT_KINDS = {
     "completion_truncated": "chosen and/or rejected cut by max_completion_length (first tokens kept)",
     "max_length_truncated": "prompt+chosen and/or prompt+rejected longer than max_length, cut in collate",
     "no_prompt_left": "keep_end: a completion alone fills max_length, so that sequence keeps no prompt token",
+    "pair_prompt_cut": "prompt+completion longer than max_length: the prompt's start cut, the same for both completions",
+    "pair_completion_cut": "a completion too long to leave the prompt half of max_length: its end cut (EOS lost)",
     "identical_after_truncation": "chosen and rejected identical after truncation (no learning signal)",
 }
 
@@ -494,15 +502,38 @@ def truncate_sequence(prompt_ids, completion_ids, max_length=None, truncation_mo
     return ids, mask
 
 
+def truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length=None, truncation_mode="keep_end"):
+    """Limit (c) for a pair, keeping one prompt for both completions (truncation_scope "pair").
+
+    If prompt + the longer completion fits in max_length, nothing is cut. Else:
+      keep_end:   the prompt loses its first tokens, as many as the longer completion needs, but keeps at least
+                  min(len(prompt), max_length // 2) of its last tokens; then each completion keeps its first
+                  max_length - len(prompt) tokens (only a completion longer than about half of max_length is cut).
+      keep_start: the prompt is kept whole (a prompt of max_length tokens or more is dropped before), and each
+                  completion keeps its first max_length - len(prompt) tokens (the same as the row rule).
+    Both sequences have the same prompt and at least one prompt token; the shorter completion is never cut before
+    the longer one."""
+    longest = max(len(chosen_ids), len(rejected_ids))
+    if max_length is None or len(prompt_ids) + longest <= max_length:
+        return prompt_ids, chosen_ids, rejected_ids
+    if truncation_mode == "keep_end":
+        keep = max(max_length - longest, min(len(prompt_ids), max_length // 2))
+        prompt_ids = prompt_ids[len(prompt_ids) - keep:]
+    room = max_length - len(prompt_ids)
+    return prompt_ids, chosen_ids[:room], rejected_ids[:room]
+
+
 def prepare_dataset(dataset, tokenizer, *, max_length: int | None = 1024, max_prompt_length: int | None = None,
                     max_completion_length: int | None = None, truncation_mode: str = "keep_end",
-                    name: str = "train", verbose: bool = True, counts: dict | None = None) -> list[dict]:
+                    truncation_scope: str = "pair", name: str = "train", verbose: bool = True,
+                    counts: dict | None = None) -> list[dict]:
     """Check, tokenize and truncate a preference dataset; returns [{"prompt_ids", "chosen_ids", "rejected_ids"}]
     in dataset order, dropped rows left out (plus "ref_chosen_logps"/"ref_rejected_logps" if the data has them).
 
     The format (standard strings or conversational messages; explicit or implicit prompt) is detected from row 0,
     and every row is checked against it. Truncation per row: (a) max_prompt_length, (b) max_completion_length here;
-    (c) max_length in `collate`, counted here. With keep_start, a row whose prompt alone has >= max_length tokens
+    (c) max_length here for the pair (truncation_scope "pair": `truncate_pair`), or in `collate` for each sequence
+    ("row", TRL's rule), counted here. With keep_start, a row whose prompt alone has >= max_length tokens
     is dropped; with keep_end it is kept and counted. Each kind of drop and truncation is printed once (verbose)
     and stored in `counts` if a dict is passed (keys: COUNT_KINDS, plus "rows" and "kept").
 
@@ -510,6 +541,8 @@ def prepare_dataset(dataset, tokenizer, *, max_length: int | None = 1024, max_pr
     number in its file or split when `dataset` comes from load_preference_dataset (its `origin`), else by position.
     """
     _check_limits(max_length, max_prompt_length, max_completion_length, truncation_mode)
+    if truncation_scope not in TRUNCATION_SCOPES:
+        raise ValueError(f"truncation_scope must be 'pair' or 'row', got {truncation_scope!r}")
     numbers, source = _origin(dataset)
     described = f"the {name} dataset" + (f" ({source})" if source else "")  # "the eval dataset (file /x/a.jsonl)"
     rows = _rows(dataset, described)
@@ -529,6 +562,11 @@ def prepare_dataset(dataset, tokenizer, *, max_length: int | None = 1024, max_pr
         if max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
             counts["prompt_too_long"] += 1
             continue
+        if truncation_scope == "pair":  # cut here, so that collate's per-sequence rule finds nothing left to cut
+            cut = truncate_pair(prompt_ids, chosen_ids, rejected_ids, max_length, truncation_mode)
+            counts["pair_prompt_cut"] += len(cut[0]) < len(prompt_ids)
+            counts["pair_completion_cut"] += len(cut[1]) < len(chosen_ids) or len(cut[2]) < len(rejected_ids)
+            prompt_ids, chosen_ids, rejected_ids = cut
         chosen_seen = truncate_sequence(prompt_ids, chosen_ids, max_length, truncation_mode)
         rejected_seen = truncate_sequence(prompt_ids, rejected_ids, max_length, truncation_mode)
         if not any(chosen_seen[1][1:]) or not any(rejected_seen[1][1:]):  # a row's first token is never scored
@@ -548,7 +586,8 @@ def prepare_dataset(dataset, tokenizer, *, max_length: int | None = 1024, max_pr
     counts["rows"], counts["kept"] = len(rows), len(examples)
     if verbose:
         print(f"[data] {name}: {len(examples)} of {len(rows)} pairs kept (max_length={max_length}, max_prompt_length="
-              f"{max_prompt_length}, max_completion_length={max_completion_length}, {truncation_mode})")
+              f"{max_prompt_length}, max_completion_length={max_completion_length}, {truncation_mode}, "
+              f"truncation_scope={truncation_scope})")
         for kind, line in COUNT_KINDS.items():
             if counts[kind]:
                 print(f"[data] {name}: {counts[kind]} pairs: {line}")
@@ -600,6 +639,52 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int | None = No
         if all(key in ex for ex in examples):
             batch[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.float32)
     return batch
+
+
+def share_prompts(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor] | None:
+    """The shared-prompt layout of a collated batch: one row per pair, [prompt; chosen; rejected], so that each
+    prompt goes through the model once instead of twice (Wang et al. 2024, "Accelerating Direct Preference
+    Optimization with Prefix Sharing", arXiv:2410.20305). Returns the `shared_*` tensors to add to the batch, or None
+    when some pair's two rows do not start with the same prompt (truncation_scope "row" can cut them apart).
+
+    For pair i with prompt length P, completions C and R, row i of the layout is
+
+        tokens     x_1 .. x_P   w_1 .. w_C       l_1 .. l_R        pad
+        positions  0 .. P-1     P .. P+C-1       P .. P+R-1        (the rejected completion restarts after x)
+        attends    causal       causal           causal, except w  none
+
+    so every token sees exactly what it sees in its own concatenated row. The hidden state that predicts completion
+    token t+1 of concatenated row r sits at `shared_rows`, `shared_positions`, in the order of
+    completion_mask[:, 1:].nonzero(): the first rejected token is predicted by the last prompt token, like the first
+    chosen one."""
+    B = batch["input_ids"].shape[0] // 2
+    completion = batch["completion_mask"].bool()
+    prompt_len = completion.int().argmax(1)  # the first completion token ends the prompt
+    lengths = batch["attention_mask"].sum(1)
+    P, C, R = prompt_len[:B], lengths[:B] - prompt_len[:B], lengths[B:] - prompt_len[B:]
+    if not torch.equal(P, prompt_len[B:]) or (P == 0).any():
+        return None
+    width = int((P + C + R).max())
+    input_ids = torch.full((B, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros(B, width, dtype=torch.long)
+    part = torch.zeros(B, width, dtype=torch.long)  # 1 prompt, 2 chosen, 3 rejected, 0 padding
+    for i in range(B):
+        p, c, r = int(P[i]), int(C[i]), int(R[i])
+        if not torch.equal(batch["input_ids"][i, :p], batch["input_ids"][B + i, :p]):
+            return None
+        input_ids[i, :p + c] = batch["input_ids"][i, :p + c]
+        input_ids[i, p + c:p + c + r] = batch["input_ids"][B + i, p:p + r]
+        position_ids[i, :p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
+        part[i, :p], part[i, p:p + c], part[i, p + c:p + c + r] = 1, 2, 3
+    index = torch.arange(width)
+    causal = index[None, :] <= index[:, None]  # [query, key]
+    attend = causal & (part[:, None, :] > 0) & ~((part[:, :, None] == 3) & (part[:, None, :] == 2))
+    rows, pos = completion[:, 1:].nonzero(as_tuple=True)  # (concatenated row, position predicting the next token)
+    pair = rows % B
+    rejected_completion = (rows >= B) & (pos >= P[pair])  # a rejected row past its prompt: shifted behind the chosen
+    return {"shared_input_ids": input_ids, "shared_position_ids": position_ids,
+            "shared_attention_mask": attend[:, None],  # [B, 1, query, key], True = attend
+            "shared_rows": pair, "shared_positions": pos + rejected_completion * C[pair]}
 
 
 def show_example(example: dict, tokenizer, max_length: int | None = None, truncation_mode: str = "keep_end",

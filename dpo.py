@@ -75,6 +75,8 @@ class Config:
     max_prompt_length: Optional[int] = field(default=None, metadata={"help": "cut prompts to this many tokens first (optional)"})
     max_completion_length: Optional[int] = field(default=None, metadata={"help": "cut completions to this many tokens (optional)"})
     truncation_mode: str = field(default="keep_end", metadata={"help": "keep_end: cut the start of long rows; keep_start: cut the end"})
+    truncation_scope: str = field(default="pair", metadata={"help": "pair: one prompt for both completions; row: each sequence alone (TRL)"})
+    prefix_sharing: bool = field(default=True, metadata={"help": "compute each pair's prompt once: [prompt; chosen; rejected] rows (same numbers)"})
     pad_to_multiple_of: Optional[int] = field(default=None, metadata={"help": "pad batch length to a multiple of this"})
     show_examples: int = field(default=1, metadata={"help": "print this many training examples as the model sees them"})
     # ---- optimisation ----
@@ -195,6 +197,8 @@ def load_model(cfg: Config, name: str, device: torch.device, trainable: bool):
         for module in model.modules():  # bitsandbytes on a CPU repacks 4-bit weights at the first eval-mode forward, for
             if hasattr(module, "support_avx512bf16_for_cpu"):  # a kernel with no backward: later gradients would be wrong
                 module.support_avx512bf16_for_cpu = False
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        check_head(model)  # refuse now a model whose log-probs this file would get wrong
     if not trainable:
         return model.eval().requires_grad_(False)
     if cfg.gradient_checkpointing and not cfg.load_in_4bit:  # (4-bit: enabled by the k-bit preparation above)
@@ -209,69 +213,6 @@ def load_model(cfg: Config, name: str, device: torch.device, trainable: bool):
         if cfg.gradient_checkpointing:
             model.enable_input_require_grads()
     return model.train()
-
-
-def check_same_vocabulary(cfg, tokenizer):
-    """DPO compares log pi(y|x) with log pi_ref(y|x) on the same token ids: both models must read them as the same
-    tokens. Checked on the tokenizer files and configs, before any weights load."""
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        ref_vocab = AutoTokenizer.from_pretrained(cfg.ref_model, trust_remote_code=cfg.trust_remote_code).get_vocab()
-    except (OSError, ValueError):  # a folder with weights only: fall back to the configs' vocabulary sizes below
-        ref_vocab = None
-    if ref_vocab is not None and ref_vocab != tokenizer.get_vocab():
-        only = sorted(set(tokenizer.get_vocab().items()) ^ set(ref_vocab.items()))[:3]
-        raise runs.RunError(f"--ref_model {cfg.ref_model} has another tokenizer vocabulary than --model "
-                         f"{cfg.model} ({len(ref_vocab):,} vs {len(tokenizer):,} tokens; differing e.g. {only}), so its "
-                         "log-probs would score other tokens; use a reference from the same model family and tokenizer")
-    sizes = [AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code).get_text_config().vocab_size
-             for name in (cfg.model, cfg.ref_model)]
-    if sizes[0] != sizes[1]:
-        raise runs.RunError(f"--ref_model {cfg.ref_model} has an output vocabulary of {sizes[1]:,} and "
-                         f"--model {cfg.model} of {sizes[0]:,}; the two models must share the vocabulary (a policy "
-                         "with added tokens needs a reference with the same resized embeddings)")
-
-
-def use_reference_columns(cfg, train_set, eval_set):
-    """Reference log-probs given in the data (ref_chosen_logps / ref_rejected_logps) replace the reference only with
-    --precompute_ref_log_probs, and only if every pair has finite values; otherwise they are ignored, saying so."""
-    examples = train_set + eval_set
-    has = [("ref_chosen_logps" in ex) + ("ref_rejected_logps" in ex) for ex in examples]
-    if not any(has):
-        return
-    if not cfg.precompute_ref_log_probs or cfg.reference_free:
-        for ex in examples:
-            ex.pop("ref_chosen_logps", None), ex.pop("ref_rejected_logps", None)
-        print("note: the data's ref_chosen_logps/ref_rejected_logps columns are ignored: the reference is computed "
-              "as configured (pass --precompute_ref_log_probs to use them instead)")
-        return
-    bad = next((i for i, (n, ex) in enumerate(zip(has, examples)) if n < 2 or not (
-        math.isfinite(ex["ref_chosen_logps"]) and math.isfinite(ex["ref_rejected_logps"]))), None)
-    if bad is not None:
-        split, i = ("train", bad) if bad < len(train_set) else ("eval", bad - len(train_set))
-        raise runs.RunError(f"--precompute_ref_log_probs with reference columns in the data: pair {i} "
-                         f"of the prepared {split} set has a missing or non-finite ref_chosen_logps/ref_rejected_logps; "
-                         "give finite values for every pair or drop both columns to compute them here")
-    print(f"reference log-probs: taken from the data's columns for all {len(examples)} pairs (no reference forward)")
-
-
-def weights_fingerprint(model) -> str:
-    """sha256 of the reference's weights (LoRA: of the frozen base, adapters excluded): new weights at the same path
-    get a new fingerprint."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        if "lora_" not in name:
-            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-            digest.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
-    return digest.hexdigest()
-
-
-def count_parameters(model) -> int:
-    """Parameters of the model as trained, counting a 4-bit weight by its logical shape (bitsandbytes packs two
-    4-bit values per byte, so numel() of a packed weight is half the real count)."""
-    return sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
-               for p in model.parameters())
 
 
 @contextlib.contextmanager
@@ -349,12 +290,20 @@ def _score_tokens(hidden, model, labels, with_wpo):
 def completion_logps(model, batch, with_wpo=False, with_aux=False, chunk_tokens=1024):
     """Per-token log-probs of the completion tokens, [2B, T-1], projecting only completion positions through the LM
     head, in chunks whose [N, V] logits are recomputed in backward rather than kept (the full-vocabulary logits are
-    the largest tensor of a DPO step). Returns (token_logps, stats): stats for the metrics, WPO and the MoE aux_loss."""
+    the largest tensor of a DPO step). Returns (token_logps, stats): stats for the metrics, WPO and the MoE aux_loss.
+    With the batch's `shared_*` tensors (data.share_prompts) each pair's prompt is computed once, and the numbers
+    are the same: every token sees the same tokens at the same positions."""
     mask = batch["completion_mask"][:, 1:].bool()
-    router = {"output_router_logits": True} if with_aux else {}  # MoE: the decoder returns its routers' logits too
-    out = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **router)
     where = mask.nonzero(as_tuple=True)  # (row, position) of every scored token
-    hidden, labels = out[0][:, :-1][where], batch["input_ids"][:, 1:][where]
+    labels, decoder = batch["input_ids"][:, 1:][where], model.get_decoder()
+    router = {"output_router_logits": True} if with_aux else {}  # MoE: the decoder returns its routers' logits too
+    if "shared_input_ids" in batch:  # [prompt; chosen; rejected] rows, rejected positions restarting after the prompt
+        out = decoder(input_ids=batch["shared_input_ids"], position_ids=batch["shared_position_ids"],
+                      attention_mask=attention_mask_4d(model, batch["shared_attention_mask"]), use_cache=False)
+        hidden = out[0][batch["shared_rows"], batch["shared_positions"]]
+    else:  # the concatenated rows [prompt+chosen; prompt+rejected]
+        out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **router)
+        hidden = out[0][:, :-1][where]
     pieces = []
     for start in range(0, max(len(labels), 1), chunk_tokens):  # at least one (possibly empty) chunk
         args = (hidden[start:start + chunk_tokens], model, labels[start:start + chunk_tokens], with_wpo)
@@ -370,6 +319,42 @@ def completion_logps(model, batch, with_wpo=False, with_aux=False, chunk_tokens=
     if with_aux:
         stats["aux_loss"] = router_aux_loss(model, out.router_logits, batch["attention_mask"])
     return per_token, stats
+
+
+@torch.no_grad()
+def prefix_sharing_problem(cfg, model, batch) -> str | None:
+    """Why `model` cannot score the shared-prompt rows exactly (None: it can). Checked once, on a real batch, against
+    the concatenated rows, so that a family with its own position or mask scheme is caught, not trained wrongly."""
+    c, attention = model.config.get_text_config(), model.config._attn_implementation
+    window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
+    if attention not in ("sdpa", "eager"):
+        return f"its attention ({attention}) takes no custom mask"
+    if aux_loss_coef(cfg, model):
+        return "the MoE balancing loss is defined over the concatenated rows"
+    if window and window < 2 * cfg.max_length:  # a custom mask replaces the sliding window, harmless only if longer
+        return f"its sliding window ({window}) is shorter than a shared row can be ({2 * cfg.max_length})"
+    if "shared_input_ids" not in batch:
+        return None  # (this batch's pairs have two prompts each: it is scored the concatenated way anyway)
+    was_training = model.training
+    model.eval()
+    try:
+        shared = completion_logps(model, batch)[0]
+        rows = completion_logps(model, {k: v for k, v in batch.items() if not k.startswith("shared_")})[0]
+    except Exception as err:  # noqa: BLE001 - any failure means: use the concatenated rows
+        return f"it fails on them ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    finally:
+        model.train(was_training)
+    if not torch.allclose(shared, rows, rtol=0.02 if cfg.bf16 else 1e-5, atol=1e-2 if cfg.bf16 else 1e-5):
+        return f"its log-probs on them differ from the concatenated rows by {float((shared - rows).abs().max()):.3g}"
+    return None
+
+
+def attention_mask_4d(model, attend):
+    """A custom [B, 1, query, key] mask in the form the model's attention takes it: booleans for SDPA, additive
+    0 / -inf-like floats for eager attention (FlashAttention takes none: such models use the concatenated rows)."""
+    if model.config._attn_implementation == "sdpa":
+        return attend
+    return torch.zeros(attend.shape, device=attend.device).masked_fill(~attend, torch.finfo(torch.float32).min)
 
 
 def router_aux_loss(model, router_logits, attention_mask):
@@ -481,7 +466,9 @@ def precompute_reference(cfg, model, ref_model, examples, pad_id, autocast, name
 
 
 def collate_batch(cfg, examples, pad_id):
-    return data.collate(examples, pad_id, cfg.max_length, cfg.truncation_mode, cfg.pad_to_multiple_of)
+    batch = data.collate(examples, pad_id, cfg.max_length, cfg.truncation_mode, cfg.pad_to_multiple_of)
+    shared = data.share_prompts(batch, pad_id) if cfg.prefix_sharing else None  # None: a pair with two prompts
+    return {**batch, **(shared or {})}
 
 
 def to_device(batch, device):
@@ -505,7 +492,7 @@ def make_optimizer(cfg, model):
 
 
 def main(cfg: Config):
-    from transformers import AutoTokenizer, get_scheduler
+    from transformers import get_scheduler
 
     torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -513,57 +500,45 @@ def main(cfg: Config):
         torch.set_num_threads(cfg.cpu_threads)
     out = Path(cfg.output_dir)
     print(json.dumps(dataclasses.asdict(cfg), indent=1))
-    # ---- before anything heavy: model paths, the output folder, and what a resumed run may change (runs.py) ----
-    for option, name in (("--model", cfg.model), ("--ref_model", cfg.ref_model)):
-        if name:
-            runs.check_model_path(option, name)
-    runs.check_output_dir(cfg)
-    checkpoint = checkpoints.find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint) if cfg.resume_from_checkpoint else None
-    if checkpoint:
-        runs.check_resume(cfg, checkpoint)
+    checkpoint = runs.preflight(cfg)  # model paths, the output folder, what a resumed run may change: before anything heavy
 
     # ---- data: rows -> token ids (data.py); the same truncation for training, evaluation and precompute ----
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as err:  # a hub name that cannot be reached, or no tokenizer files
-        raise runs.RunError(f"could not load the tokenizer of --model {cfg.model} ({str(err).splitlines()[0]}); "
-                            "check the name or path (offline, a hub model must already be in the cache)") from err
-    if cfg.ref_model:
-        check_same_vocabulary(cfg, tokenizer)
+    tokenizer = runs.load_tokenizer(cfg)  # (with --ref_model: checked to share its vocabulary)
     pad_id = data.pad_token_id(tokenizer)
     train_rows, eval_rows = data.load_preference_dataset(cfg.dataset, cfg.dataset_split, cfg.eval_split, cfg.eval_fraction, cfg.seed)
     limits = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                  max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode)
+                  max_completion_length=cfg.max_completion_length, truncation_mode=cfg.truncation_mode,
+                  truncation_scope=cfg.truncation_scope)
     train_set = data.prepare_dataset(train_rows, tokenizer, name="train", **limits)
     eval_set = data.prepare_dataset(eval_rows, tokenizer, name="eval", **limits) if eval_rows is not None else []
-    use_reference_columns(cfg, train_set, eval_set)
+    runs.use_reference_columns(cfg, train_set, eval_set)
     for ex in train_set[:cfg.show_examples]:
         print(data.show_example(ex, tokenizer, cfg.max_length, cfg.truncation_mode))
 
     # ---- models: the policy, and the reference in one of four ways ----
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
     model = load_model(cfg, cfg.model, device, trainable=True)
-    with autocast():
-        check_head(model)  # refuse before training a model whose log-probs this file would get wrong
     ref_model = None  # LoRA: the policy with adapters off
     if cfg.ref_model or (not cfg.use_peft and not cfg.reference_free):
         if cfg.ref_model:
             ref_model = load_model(cfg, cfg.ref_model, device, trainable=False)
-            with autocast():
-                check_head(ref_model)
         else:  # a frozen copy of the policy at step 0, in the policy's own dtype (see load_model)
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
+    if cfg.prefix_sharing:  # on where exact: checked on a real batch, else one line and the concatenated rows
+        probe = to_device(collate_batch(cfg, train_set[:cfg.per_device_train_batch_size], pad_id), device)
+        with autocast():
+            problem = next(filter(None, (prefix_sharing_problem(cfg, m, probe) for m in (model, ref_model) if m)), None)
+        if problem:
+            print(f"prefix sharing off: {problem}; each pair is scored as two concatenated rows")
+            cfg.prefix_sharing = False
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"trainable parameters: {n_train:,} of {count_parameters(model):,}")
-    out.mkdir(parents=True, exist_ok=True)  # written only now that the options, the data and the models are good
-    if cfg.overwrite_output_dir and not checkpoint:
-        runs.clear_output_dir(out)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    print(f"trainable parameters: {n_train:,} of {runs.count_parameters(model):,}")
+    runs.write_config(cfg, out, resumed=checkpoint is not None)  # only now that the options, data and models are good
 
     if cfg.precompute_ref_log_probs and "ref_chosen_logps" not in train_set[0]:  # (else: given in the data)
         # The cache is keyed on what the numbers depend on: the reference's weights themselves (not their path, which
         # iterative DPO overwrites with new weights), the dtype, the tokens and their truncation.
-        key = hashlib.sha256(json.dumps([weights_fingerprint(ref_model or model), cfg.ld_alpha, cfg.bf16, limits,
+        key = hashlib.sha256(json.dumps([runs.weights_fingerprint(ref_model or model), cfg.ld_alpha, cfg.bf16, limits,
                                          [[e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]] for e in train_set + eval_set]]).encode()).hexdigest()[:16]
         cache = out / f"ref_logps-{key}.safetensors"
         if cache.exists():
@@ -692,7 +667,7 @@ def main(cfg: Config):
         log(final_eval)
         print(" ".join(f"{k}={v:.4g}" for k, v in final_eval.items()))
     checkpoints.save_model(cfg, model, tokenizer, out)
-    plot_curves(metrics_file, out / "curves.png")
+    runs.plot_curves(metrics_file, out / "curves.png")
     if cfg.sample_eval and eval_set:
         from sample_eval import sample_eval
 
@@ -705,24 +680,6 @@ def main(cfg: Config):
         result = sample_eval(model, tokenizer, prompts, reference=ref_model, reward_fn=reward_fn, seed=cfg.seed)
         (out / "sample_eval.json").write_text(json.dumps(result, indent=1))
     return final_eval
-
-
-def plot_curves(metrics_file, png):
-    from matplotlib.figure import Figure  # not pyplot: no global backend switch (notebooks keep their inline plots)
-
-    records = checkpoints.read_metrics(metrics_file)
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "eval_loss" in r]
-    fig = Figure(figsize=(18, 3.6))
-    for ax, keys in zip(fig.subplots(1, 4), (["loss"], ["rewards/accuracies"], ["rewards/margins"], ["rewards/chosen", "rewards/rejected"])):
-        for k in keys:
-            ax.plot([r["step"] for r in train], [r[k] for r in train], label=k)
-            if evals:
-                ax.plot([r["step"] for r in evals], [r["eval_" + k] for r in evals], "o--", label="eval_" + k)
-        ax.set_xlabel("step")
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
 
 
 def parse_args(argv):

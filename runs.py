@@ -5,10 +5,15 @@ skip this file.
 A user error is one line on stderr, `dpo.py: error: <what was wrong>, <where>, <what to do>`, with exit code 2 for
 options (OptionError) and 1 for data, files and faults (RunError, data.DataError, checkpoints.CheckpointError).
 """
+import hashlib
 import json
 import math
 import shutil
 from pathlib import Path
+
+import torch
+
+import checkpoints
 
 
 class OptionError(ValueError):
@@ -16,7 +21,7 @@ class OptionError(ValueError):
 
 
 class RunError(RuntimeError):
-    """A fault the user can act on: a missing file, a used output folder, a non-finite step (exit code 1)."""
+               """A fault the user can act on: a missing file, a used output folder, a non-finite step (exit code 1)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -73,6 +78,8 @@ def check_options(cfg, problems: list[str]):
         problems.append("--reference_free uses no reference model: drop --precompute_ref_log_probs/--sync_ref_model/--ref_model")
     if cfg.truncation_mode not in ("keep_end", "keep_start"):
         problems.append(f"--truncation_mode must be keep_end or keep_start, not {cfg.truncation_mode!r}")
+    if cfg.truncation_scope not in ("pair", "row"):
+        problems.append(f"--truncation_scope must be pair or row, not {cfg.truncation_scope!r}")
     if cfg.lr_scheduler_type not in ("linear", "cosine", "constant"):
         problems.append(f"--lr_scheduler_type must be linear, cosine or constant, not {cfg.lr_scheduler_type!r}")
     if cfg.optim not in ("adamw_torch", "rmsprop", "paged_adamw_8bit"):
@@ -129,12 +136,48 @@ def clear_output_dir(out: Path):
         shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+def write_config(cfg, out: Path, resumed: bool):
+    """config.json, the options the run really uses; --overwrite_output_dir first removes the earlier run's files."""
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite_output_dir and not resumed:
+        clear_output_dir(out)
+    (out / "config.json").write_text(json.dumps(vars(cfg), indent=1))
+
+
+def preflight(cfg):
+    """Before anything heavy: the model paths exist, the output folder may be used, and a resumed run's options
+    are its checkpoint's. Returns the checkpoint to resume from, or None."""
+    for option, name in (("--model", cfg.model), ("--ref_model", cfg.ref_model)):
+        if name:
+            check_model_path(option, name)
+    check_output_dir(cfg)
+    if not cfg.resume_from_checkpoint:
+        return None
+    checkpoint = checkpoints.find_checkpoint(cfg.output_dir, cfg.resume_from_checkpoint)
+    check_resume(cfg, checkpoint)
+    return checkpoint
+
+
+def load_tokenizer(cfg):
+    """The policy's tokenizer (and, with --ref_model, the check that the reference reads the same vocabulary)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:  # a hub name that cannot be reached, or no tokenizer files
+        raise RunError(f"could not load the tokenizer of --model {cfg.model} ({str(err).splitlines()[0]}); "
+                       "check the name or path (offline, a hub model must already be in the cache)") from err
+    if cfg.ref_model:
+        check_same_vocabulary(cfg, tokenizer)
+    return tokenizer
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Resuming
 
 # Options that may differ on resume; the change is stated. All but the learning rate change no number of the training
 # (the learning rate is what one lowers to resume past a divergence: set_peak_learning_rate applies it).
-MAY_CHANGE_ON_RESUME = {"learning_rate", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "sample_eval", "show_examples",
+MAY_CHANGE_ON_RESUME = {"learning_rate", "prefix_sharing", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "sample_eval", "show_examples",
                         "cpu_threads", "per_device_eval_batch_size", "output_dir", "resume_from_checkpoint",
                         "overwrite_output_dir", "debug", "export_trl"}
 
@@ -171,3 +214,88 @@ def set_peak_learning_rate(scheduler, lr: float):
     for group, lr_lambda in zip(scheduler.optimizer.param_groups, scheduler.lr_lambdas):
         group["initial_lr"], group["lr"] = lr, lr * lr_lambda(scheduler.last_epoch)
     scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() reports
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checks of the models and the data before training, and what a run reports
+
+
+def check_same_vocabulary(cfg, tokenizer):
+    """DPO compares log pi(y|x) with log pi_ref(y|x) on the same token ids: both models must read them as the same
+    tokens. Checked on the tokenizer files and configs, before any weights load."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        ref_vocab = AutoTokenizer.from_pretrained(cfg.ref_model, trust_remote_code=cfg.trust_remote_code).get_vocab()
+    except (OSError, ValueError):  # a folder with weights only: fall back to the configs' vocabulary sizes below
+        ref_vocab = None
+    if ref_vocab is not None and ref_vocab != tokenizer.get_vocab():
+        only = sorted(set(tokenizer.get_vocab().items()) ^ set(ref_vocab.items()))[:3]
+        raise RunError(f"--ref_model {cfg.ref_model} has another tokenizer vocabulary than --model "
+                       f"{cfg.model} ({len(ref_vocab):,} vs {len(tokenizer):,} tokens; differing e.g. {only}), so its "
+                       "log-probs would score other tokens; use a reference from the same model family and tokenizer")
+    sizes = [AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code).get_text_config().vocab_size
+             for name in (cfg.model, cfg.ref_model)]
+    if sizes[0] != sizes[1]:
+        raise RunError(f"--ref_model {cfg.ref_model} has an output vocabulary of {sizes[1]:,} and "
+                       f"--model {cfg.model} of {sizes[0]:,}; the two models must share the vocabulary (a policy "
+                       "with added tokens needs a reference with the same resized embeddings)")
+
+
+def use_reference_columns(cfg, train_set, eval_set):
+    """Reference log-probs given in the data (ref_chosen_logps / ref_rejected_logps) replace the reference only with
+    --precompute_ref_log_probs, and only if every pair has finite values; otherwise they are ignored, saying so."""
+    examples = train_set + eval_set
+    has = [("ref_chosen_logps" in ex) + ("ref_rejected_logps" in ex) for ex in examples]
+    if not any(has):
+        return
+    if not cfg.precompute_ref_log_probs or cfg.reference_free:
+        for ex in examples:
+            ex.pop("ref_chosen_logps", None), ex.pop("ref_rejected_logps", None)
+        print("note: the data's ref_chosen_logps/ref_rejected_logps columns are ignored: the reference is computed "
+              "as configured (pass --precompute_ref_log_probs to use them instead)")
+        return
+    bad = next((i for i, (n, ex) in enumerate(zip(has, examples)) if n < 2 or not (
+        math.isfinite(ex["ref_chosen_logps"]) and math.isfinite(ex["ref_rejected_logps"]))), None)
+    if bad is not None:
+        split, i = ("train", bad) if bad < len(train_set) else ("eval", bad - len(train_set))
+        raise RunError(f"--precompute_ref_log_probs with reference columns in the data: pair {i} "
+                       f"of the prepared {split} set has a missing or non-finite ref_chosen_logps/ref_rejected_logps; "
+                       "give finite values for every pair or drop both columns to compute them here")
+    print(f"reference log-probs: taken from the data's columns for all {len(examples)} pairs (no reference forward)")
+
+
+def weights_fingerprint(model) -> str:
+    """sha256 of the reference's weights (LoRA: of the frozen base, adapters excluded): new weights at the same path
+    get a new fingerprint."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if "lora_" not in name:
+            digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+            digest.update(tensor.detach().reshape(-1).contiguous().cpu().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def count_parameters(model) -> int:
+    """Parameters of the model as trained, counting a 4-bit weight by its logical shape (bitsandbytes packs two
+    4-bit values per byte, so numel() of a packed weight is half the real count)."""
+    return sum(p.quant_state.shape.numel() if getattr(p, "quant_state", None) is not None else p.numel()
+               for p in model.parameters())
+
+
+def plot_curves(metrics_file, png):
+    from matplotlib.figure import Figure  # not pyplot: no global backend switch (notebooks keep their inline plots)
+
+    records = checkpoints.read_metrics(metrics_file)
+    train = [r for r in records if "loss" in r]
+    evals = [r for r in records if "eval_loss" in r]
+    fig = Figure(figsize=(18, 3.6))
+    for ax, keys in zip(fig.subplots(1, 4), (["loss"], ["rewards/accuracies"], ["rewards/margins"], ["rewards/chosen", "rewards/rejected"])):
+        for k in keys:
+            ax.plot([r["step"] for r in train], [r[k] for r in train], label=k)
+            if evals:
+                ax.plot([r["step"] for r in evals], [r["eval_" + k] for r in evals], "o--", label="eval_" + k)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)

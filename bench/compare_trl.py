@@ -210,7 +210,7 @@ def run_ours(spec):
         result["peak_memory_mib"], result["peak_reserved_mib"] = peak_memory_mib(spec["device"]), peak_reserved_mib(spec["device"])
 
     dpo.collate_batch, dpo.make_optimizer, dpo.precompute_reference = counting_collate, clocked_make_optimizer, clocked_precompute
-    dpo.checkpoints.save_model, dpo.plot_curves = done, lambda *a: None
+    dpo.checkpoints.save_model, dpo.runs.plot_curves = done, lambda *a: None
     out = Path(spec["out"])
     argv = ["--model", spec["model"], "--dataset", spec["data_ours"], "--output_dir", str(out),
             "--max_steps", str(spec["steps"]), "--per_device_train_batch_size", str(spec["batch_size"]),
@@ -359,7 +359,8 @@ def print_table(results, args, fixture, load, clock):
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for mode, rows in results.items():
         trl = rows["trl"]
-        for name, label in (("trl", "TRL 1.16 DPOTrainer"), ("ours", "dpo.py"), ("ours_pre", "dpo.py --precompute_ref_log_probs")):
+        for name, label in (("trl", "TRL 1.16 DPOTrainer"), ("ours_concat", "dpo.py --prefix_sharing False (concatenated rows)"),
+                            ("ours", "dpo.py (shared prompt, the default)"), ("ours_pre", "dpo.py shared + --precompute_ref_log_probs")):
             if name not in rows:
                 continue
             r = rows[name]
@@ -432,7 +433,7 @@ def main():
     if args.threads is None and args.device == "cpu":
         args.threads = 1
     if args.bf16 and args.device != "cuda":
-        raise SystemExit("compare_trl.py: --bf16 needs --device cuda (dpo.py refuses bf16 on CPU)")
+        raise SystemExit("compare_trl.py: --bf16 is for --device cuda (bf16 matrix products are slow on most CPUs)")
     if not 1 <= args.warmup < args.steps:
         raise SystemExit("compare_trl.py: need 1 <= --warmup < --steps (the first step is never timed)")
     clock = "cpu" if args.device == "cpu" and args.threads == 1 else "wall"
@@ -447,16 +448,17 @@ def main():
         base = dict(model=str(work / "model"), data_ours=str(work / "ours.jsonl"), data_trl=str(work / "trl.jsonl"),
                     steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, max_length=args.max_length,
                     learning_rate=args.learning_rate, bf16=args.bf16, device=args.device, threads=args.threads)
-        names = ["ours", "trl"] + ([] if args.no_precompute else ["ours_pre"])
+        names = ["ours", "ours_concat", "trl"] + ([] if args.no_precompute else ["ours_pre"])
         runs, loads = {m: {n: [] for n in names} for m in args.modes}, [os.getloadavg()[0]]
         for rep in range(args.repeats):
             for mode in args.modes:
                 for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate who goes first
-                    spec = dict(base, mode=mode, trainer="trl" if name == "trl" else "ours", precompute=name == "ours_pre")
+                    spec = dict(base, mode=mode, trainer="trl" if name == "trl" else "ours", precompute=name == "ours_pre",
+                                extra_argv=["--prefix_sharing", "False"] if name == "ours_concat" else [])
                     r = launch(spec, work, f"{mode}-{name}-{rep}")
                     runs[mode][name].append(r)
                     loads.append(os.getloadavg()[0])
-                    print(f"[{time.time() - start:4.0f} s] {mode:4} {name:8} repeat {rep}: {r['tokens_per_s_cpu']:6.0f} "
+                    print(f"[{time.time() - start:4.0f} s] {mode:4} {name:11} repeat {rep}: {r['tokens_per_s_cpu']:6.0f} "
                           f"tokens/CPU-s {r['tokens_per_s_wall']:6.0f} tokens/s {r['s_per_step_wall']:.3f} s/step, peak "
                           f"{r['peak_mib']:.0f} MiB (before step 1: {r['before_step1_mib']:.0f}), loss1 {r['loss1']:.6f} "
                           f"logps/chosen {r['logps_chosen1']:.4f}"

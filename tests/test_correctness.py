@@ -326,4 +326,4 @@ def test_parameter_count_is_the_same_in_4bit(tiny):
     cfg4 = config(tiny, "unused", "--load_in_4bit")
     quantized = dpo.load_model(cfg4, tiny["model"], torch.device("cpu"), trainable=True)
     assert sum(p.numel() for p in quantized.parameters()) < sum(p.numel() for p in full.parameters())  # packed
-    assert dpo.count_parameters(quantized) == dpo.count_parameters(full) == sum(p.numel() for p in full.parameters())
+    assert dpo.runs.count_parameters(quantized) == dpo.runs.count_parameters(full) == sum(p.numel() for p in full.parameters())

@@ -71,7 +71,8 @@ def test_all_three_limits_both_modes(mode):
       (c) prompt+chosen has 7 > 6 tokens: keep_end [12..18][-6:] = [13,14,15,16,17,18], mask 0,0,0,1,1,1;
           keep_start [1,10,11,12,16,17,18][:6] = [1,10,11,12,16,17], mask 0,0,0,0,1,1; prompt+rejected likewise.
     Row 1: prompt [1,33], chosen [34,2], rejected [35,35,2]: nothing to cut, right-padded with 0 to width 6."""
-    rows, counts = prepare(ROWS_ABC, max_length=6, max_prompt_length=4, max_completion_length=3, truncation_mode=mode)
+    rows, counts = prepare(ROWS_ABC, max_length=6, max_prompt_length=4, max_completion_length=3, truncation_mode=mode,
+                           truncation_scope="row")
     prompt0 = [12, 13, 14, 15] if mode == "keep_end" else [1, 10, 11, 12]
     assert rows == [{"prompt_ids": prompt0, "chosen_ids": [16, 17, 18], "rejected_ids": [19, 20, 2]},
                     {"prompt_ids": [1, 33], "chosen_ids": [34, 2], "rejected_ids": [35, 35, 2]}]
@@ -98,7 +99,7 @@ def test_keep_start_drops_a_prompt_that_fills_max_length():
     """max_length=5, keep_start. Row 0's prompt has 5 >= 5 tokens, no completion token would remain: dropped.
     Row 1: [1,17,18,19,20,21,2][:5] = [1,17,18,19,20], mask 0,0,1,1,1 (the end and EOS are cut).
     Row 2: prompt [1,16,17,18] (4 < 5) is kept: [1,16,17,18,19,2][:5] = [1,16,17,18,19], mask 0,0,0,0,1."""
-    rows, counts = prepare(ROWS_LONG, max_length=5, truncation_mode="keep_start")
+    rows, counts = prepare(ROWS_LONG, max_length=5, truncation_mode="keep_start", truncation_scope="row")
     assert [r["prompt_ids"] for r in rows] == [[1, 17], [1, 16, 17, 18]]
     assert (counts["prompt_too_long"], counts["max_length_truncated"], counts["kept"]) == (1, 2, 2)
     batch = data.collate(rows, 0, max_length=5, truncation_mode="keep_start")
@@ -107,12 +108,12 @@ def test_keep_start_drops_a_prompt_that_fills_max_length():
     assert batch["completion_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 0, 1], [0, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
 
 
-def test_keep_end_keeps_a_row_with_no_prompt_left_and_counts_it():
-    """max_length=5, keep_end: nothing is dropped, all 3 rows are longer than 5 in at least one sequence.
+def test_keep_end_row_scope_keeps_a_row_with_no_prompt_left_and_counts_it():
+    """TRL's per-sequence rule (truncation_scope "row"). max_length=5, keep_end: nothing is dropped, all 3 rows are longer than 5 in at least one sequence.
     Row 0: [1,10,11,12,13,14,2][-5:] = [11,12,13,14,2], mask 0,0,0,1,1; rejected [11,12,13,15,2].
     Row 1: chosen alone has 5 >= 5 tokens: [18,19,20,21,2], mask all 1, no prompt left (counted);
            its rejected row [1,17,22,2] keeps the whole prompt. Row 2: [1,16,17,18,19,2][-5:] = [16,17,18,19,2]."""
-    rows, counts = prepare(ROWS_LONG, max_length=5)  # keep_end is the default
+    rows, counts = prepare(ROWS_LONG, max_length=5, truncation_scope="row")  # keep_end is the default
     assert len(rows) == 3
     assert (counts["prompt_too_long"], counts["max_length_truncated"], counts["no_prompt_left"]) == (0, 3, 1)
     batch = data.collate(rows, 0, max_length=5)
@@ -120,6 +121,56 @@ def test_keep_end_keeps_a_row_with_no_prompt_left_and_counts_it():
                                            [11, 12, 13, 15, 2], [1, 17, 22, 2, 0], [16, 17, 18, 20, 2]]
     assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1],
                                                  [0, 0, 0, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]
+
+
+def test_keep_end_pair_scope_gives_both_completions_the_same_prompt():
+    """truncation_scope "pair" (the default), max_length=5, keep_end (data.truncate_pair):
+    Row 0: prompt [1,10,11,12,13], completions [14,2] and [15,2]: 5+2 > 5, the prompt keeps max(5-2, min(5, 5//2)) = 3
+           tokens [11,12,13]; both completions fit: [11,12,13,14,2] and [11,12,13,15,2].
+    Row 1: prompt [1,17], chosen [18,19,20,21,2], rejected [22,2]: 2+5 > 5, the prompt keeps max(5-5, min(2, 2)) = 2
+           (all of it) and each completion its first 5-2 = 3 tokens: [1,17,18,19,20] and [1,17,22,2]. The row rule
+           gave the chosen no prompt at all while its rejected saw the whole prompt.
+    Row 2: prompt [1,16,17,18], completions [19,2] and [20,2]: the prompt keeps max(3, 2) = 3: [16,17,18,19,2]."""
+    rows, counts = prepare(ROWS_LONG, max_length=5)
+    assert rows == [{"prompt_ids": [11, 12, 13], "chosen_ids": [14, 2], "rejected_ids": [15, 2]},
+                    {"prompt_ids": [1, 17], "chosen_ids": [18, 19, 20], "rejected_ids": [22, 2]},
+                    {"prompt_ids": [16, 17, 18], "chosen_ids": [19, 2], "rejected_ids": [20, 2]}]
+    assert (counts["pair_prompt_cut"], counts["pair_completion_cut"], counts["no_prompt_left"]) == (2, 1, 0)
+    batch = data.collate(rows, 0, max_length=5)  # nothing left to cut per sequence
+    assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 2], [1, 17, 18, 19, 20], [16, 17, 18, 19, 2],
+                                           [11, 12, 13, 15, 2], [1, 17, 22, 2, 0], [16, 17, 18, 20, 2]]
+    assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1],
+                                                 [0, 0, 0, 1, 1], [0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]
+
+
+def test_keep_start_is_the_same_in_both_scopes():
+    pair = data.collate(prepare(ROWS_LONG, max_length=5, truncation_mode="keep_start")[0], 0, 5, "keep_start")
+    row = data.collate(prepare(ROWS_LONG, max_length=5, truncation_mode="keep_start", truncation_scope="row")[0], 0, 5,
+                       "keep_start")
+    assert all(torch.equal(pair[k], row[k]) for k in row)
+
+
+@pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
+def test_truncate_pair_rules_hold_for_every_length(mode):
+    """Over all prompt/completion lengths up to 9 and max_length 2..12: both sequences fit, share one non-empty
+    prompt that is a suffix (keep_end) or the prompt itself (keep_start), completions keep their first tokens up to
+    the same room (the shorter is cut only if it must be), and a pair that fits is untouched."""
+    import itertools
+
+    for p, c, r, length in itertools.product(range(1, 10), range(1, 10), range(1, 10), range(2, 13)):
+        if mode == "keep_start" and p >= length:
+            continue  # dropped by prepare_dataset before truncate_pair
+        prompt, chosen, rejected = list(range(100, 100 + p)), list(range(200, 200 + c)), list(range(300, 300 + r))
+        kp, kc, kr = data.truncate_pair(prompt, chosen, rejected, length, mode)
+        assert 1 <= len(kp) and len(kp) + max(len(kc), len(kr)) <= length
+        assert kp == (prompt[len(prompt) - len(kp):] if mode == "keep_end" else prompt)
+        assert kc == chosen[:len(kc)] and kr == rejected[:len(kr)] and kc and kr
+        room = length - len(kp)  # both completions are cut at the same length: the shorter one only if it must be
+        assert (len(kc), len(kr)) == (min(c, room), min(r, room))
+        if p + max(c, r) <= length:
+            assert (kp, kc, kr) == (prompt, chosen, rejected)
+        if mode == "keep_end" and len(kp) < p:
+            assert len(kp) >= min(p, length // 2)
 
 
 def test_max_length_none_cuts_nothing_and_limits_are_checked():

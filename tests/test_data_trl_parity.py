@@ -74,14 +74,17 @@ def to_messages(text):
 def parity_rows(hh_rows, fmt):
     """The first N_PARITY rows on which TRL's prompt extraction and the longest common prefix agree: neither answer
     a prefix of the other (TRL then splits one character early, data.py drops the empty completion); for messages,
-    the two conversations differ only in their last, assistant message."""
+    the two conversations differ only in their last, assistant message. Whitespace-only answers are left out too:
+    data.py drops them (nothing to prefer), TRL keeps them."""
     if fmt == "standard":
         rows = [r for r in hh_rows
-                if not r["chosen"].startswith(r["rejected"]) and not r["rejected"].startswith(r["chosen"])]
+                if not r["chosen"].startswith(r["rejected"]) and not r["rejected"].startswith(r["chosen"])
+                and not any(map(data._blank, data.extract_prompt(r["chosen"], r["rejected"])[1:]))]
     else:
         pairs = [(to_messages(r["chosen"]), to_messages(r["rejected"])) for r in hh_rows]
         rows = [{"chosen": c, "rejected": r} for c, r in pairs
-                if c[:-1] == r[:-1] and c[-1] != r[-1] and c[-1]["role"] == "assistant"]
+                if c[:-1] == r[:-1] and c[-1] != r[-1] and c[-1]["role"] == "assistant"
+                and not data._blank(c[-1:]) and not data._blank(r[-1:])]
     assert len(rows) >= N_PARITY
     return rows[:N_PARITY]
 
@@ -135,7 +138,7 @@ def test_collation_matches_trl(hh_rows, tokenizers_, kind, mode):
     pad = data.pad_token_id(tokenizer)
     for max_length in (32, 128, 512, None):
         counts = {}
-        ours = data.prepare_dataset(rows, tokenizer, max_length=max_length, truncation_mode=mode, verbose=False,
+        ours = data.prepare_dataset(rows, tokenizer, max_length=max_length, truncation_mode=mode, truncation_scope="row", verbose=False,
                                     counts=counts)
         theirs = trl_prepare(rows, tokenizer, max_length, mode)
         assert ours == theirs, max_length
@@ -149,7 +152,7 @@ def test_conversational_collation_matches_trl(hh_rows, tokenizers_):
     pytest.importorskip("trl")
     tokenizer, rows = tokenizers_["bos"], parity_rows(hh_rows, "conversational")
     for mode in ("keep_end", "keep_start"):
-        ours = data.prepare_dataset(rows, tokenizer, max_length=64, truncation_mode=mode, verbose=False)
+        ours = data.prepare_dataset(rows, tokenizer, max_length=64, truncation_mode=mode, truncation_scope="row", verbose=False)
         theirs = trl_prepare(rows, tokenizer, 64, mode)
         assert ours == theirs
         assert_same_batches(ours, theirs, data.pad_token_id(tokenizer), 64, mode)
@@ -169,7 +172,8 @@ def test_a_real_dpo_trainer_prepares_and_collates_the_same(hh_rows, tokenizers_,
     trainer = trl.DPOTrainer(model=LlamaForCausalLM(config), ref_model=LlamaForCausalLM(config), args=args,
                              train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer)
     theirs = trainer.train_dataset.select_columns(["prompt_ids", "chosen_ids", "rejected_ids"]).to_list()
-    ours = data.prepare_dataset(rows, tokenizers_["bos"], max_length=64, truncation_mode="keep_start", verbose=False)
+    ours = data.prepare_dataset(rows, tokenizers_["bos"], max_length=64, truncation_mode="keep_start",
+                                truncation_scope="row", verbose=False)
     assert ours == theirs and 0 < len(ours) < 100
     assert trainer.data_collator.pad_token_id == data.pad_token_id(tokenizers_["bos"])  # no pad: both use EOS
     for start in range(0, len(ours), 16):
@@ -182,18 +186,18 @@ def test_whole_hh_file_at_max_length_512(hh_rows, tokenizers_):
     """All 2,312 HH pairs through prepare_dataset at max_length 512, both modes, on the no-BOS BPE tokenizer.
 
     Drops, derived from the raw text: no pair has chosen == rejected; a pair whose one answer is a prefix of the
-    other has an empty completion (dropped) unless the prefix ends in a space, which then goes to the completions.
+    other, up to spaces, has an empty or whitespace-only completion (dropped).
     Truncation counts are re-derived from the returned rows: a pair is cut by max_length when
     len(prompt) + max(len(chosen), len(rejected)) > 512, and (keep_end) keeps no prompt when a completion has
     >= 512 tokens. keep_start keeps the same rows minus those whose prompt has >= 512 tokens."""
     tokenizer = tokenizers_["no_bos"]
     identical = sum(r["chosen"] == r["rejected"] for r in hh_rows)
-    empty = sum((a.startswith(b) and not b.endswith(" ")) or (b.startswith(a) and not a.endswith(" "))
-                for r in hh_rows for a, b in [(r["chosen"], r["rejected"])] if a != b)
+    empty = sum(any(map(data._blank, data.extract_prompt(r["chosen"], r["rejected"])[1:]))
+                for r in hh_rows if r["chosen"] != r["rejected"])
     results = {}
     for mode in ("keep_end", "keep_start"):
         counts = {}
-        rows = data.prepare_dataset(hh_rows, tokenizer, max_length=512, truncation_mode=mode, counts=counts,
+        rows = data.prepare_dataset(hh_rows, tokenizer, max_length=512, truncation_mode=mode, truncation_scope="row", counts=counts,
                                     name=f"hh {mode}")
         results[mode] = rows, counts
         assert counts["rows"] == len(hh_rows) == 2312
