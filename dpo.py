@@ -394,16 +394,16 @@ def dpo_step(cfg: Config, model, ref_model, batch):
     B = batch["input_ids"].shape[0] // 2
     mask = batch["completion_mask"][:, 1:]
     scored = mask.sum(1).clamp(min=1)  # scored tokens per row (the first token of a row is never scored)
+    if cfg.reference_free:
+        ref_logps = torch.zeros(2 * B, device=mask.device)
+    elif cfg.precompute_ref_log_probs:  # computed once before training (or given in the data)
+        ref_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
+    else:  # the reference first: its activations are freed before the policy's are kept for backward (lower peak)
+        with reference(model, ref_model) as ref:
+            ref_logps = sequence_logps(completion_logps(ref, batch)[0], batch["completion_mask"], cfg.ld_alpha)
     coef = aux_loss_coef(cfg, model)
     per_token, stats = completion_logps(model, batch, with_wpo=cfg.use_weighting, with_aux=coef != 0)
     logps = sequence_logps(per_token, batch["completion_mask"], cfg.ld_alpha)
-    if cfg.reference_free:
-        ref_logps = torch.zeros_like(logps)
-    elif cfg.precompute_ref_log_probs:  # computed once before training (or given in the data)
-        ref_logps = torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]])
-    else:
-        with reference(model, ref_model) as ref:
-            ref_logps = sequence_logps(completion_logps(ref, batch)[0], batch["completion_mask"], cfg.ld_alpha)
     lengths = batch["completion_mask"].sum(1).clamp(min=1)  # TRL's |y| for the length-normalised losses
     pair_weights = None
     if cfg.use_weighting:  # WPO (Zhou et al. 2024, arXiv:2406.11827, Eq. 2), no gradient through the weights

@@ -115,9 +115,12 @@ def build_fixture(work: Path, args):
     tokenizer = train_tokenizer(rows, min(arch["vocab_size"], 8192))
     n_pairs = args.steps * args.batch_size
     kept = []
-    for row in rows:  # one row at a time: prepare_dataset returns [] for a row it drops
-        if data.prepare_dataset([row], tokenizer, max_length=args.max_length, truncation_mode="keep_start", verbose=False):
+    for row in rows:  # one row at a time: prepare_dataset raises DataError for a set whose rows are all dropped
+        try:
+            data.prepare_dataset([row], tokenizer, max_length=args.max_length, truncation_mode="keep_start", verbose=False)
             kept.append(row)
+        except data.DataError:
+            pass
         if len(kept) == n_pairs:
             break
     if len(kept) < n_pairs:

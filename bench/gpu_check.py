@@ -21,7 +21,19 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-H100_BF16_DENSE_FLOPS = 989e12  # H100 SXM, dense bf16 tensor cores (the spec sheet's 1979 is with 2:4 sparsity)
+# Peak dense bf16 tensor-core FLOPS by GPU name (spec sheets' numbers without 2:4 sparsity), for the MFU figure.
+# Matched as substrings of torch.cuda.get_device_name(), most specific first; an unknown GPU gets no MFU.
+PEAK_BF16_DENSE_FLOPS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+                         ("B200", 2250e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10G", 70e12),
+                         ("A10", 125e12), ("RTX 4090", 165e12), ("RTX 3090", 71e12)]
+
+
+def gpu_peak_flops(name: str):
+    """(the GPU's name, its peak dense bf16 FLOPS or None): from --peak_tflops, else the table above."""
+    override = os.environ.get("GPU_PEAK_TFLOPS")
+    if override:
+        return float(override) * 1e12
+    return next((flops for key, flops in PEAK_BF16_DENSE_FLOPS if key in name), None)
 QLORA_TARGET_GIB = 12.0
 
 LLAMA_31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -98,8 +110,9 @@ def part_qlora(work: Path, tiny: bool):
 
 
 def part_trl(work: Path, tiny: bool):
-    """(b) bench/compare_trl.py, full fine-tuning in bf16 autocast of a random Qwen2.5-0.5B-sized model, ours and
-    TRL (and ours with precomputed reference log-probs), plus model FLOPs utilisation."""
+    """(b) bench/compare_trl.py, full fine-tuning in bf16 autocast of a random Qwen2.5-0.5B-sized model: TRL, ours
+    with concatenated rows, ours with the shared prompt (the default), and with precomputed reference log-probs,
+    plus model FLOPs utilisation against the peak of the GPU it ran on."""
     out = work / "compare_trl.json"
     if tiny:
         argv = ["--device", "cpu", "--arch", "tiny", "--max_length", "128", "--batch_size", "4", "--steps", "4", "--warmup", "1"]
@@ -110,7 +123,8 @@ def part_trl(work: Path, tiny: bool):
     subprocess.run([sys.executable, str(HERE / "compare_trl.py"), *argv, "--data", "synthetic", "--modes", "full",
                     "--repeats", "1", "--json", str(out), "--workdir", str(work / "compare_trl")])
     report = json.loads(out.read_text())  # written even when the step-1 numbers disagree (listed in "problems")
-    n = report["fixture"]["params"]
+    n, gpu = report["fixture"]["params"], report["machine"]
+    peak = gpu_peak_flops(gpu)
     runs = {}
     for name, r in report["results"]["full"].items():
         # Model FLOPs per token (no attention term, recomputation not counted): policy forward+backward 6N, plus the
@@ -119,16 +133,20 @@ def part_trl(work: Path, tiny: bool):
         runs[name] = {"tokens_per_s": round(r["tokens_per_s_wall"], 1), "s_per_step": round(r["s_per_step_wall"], 4),
                       "peak_memory_gib": round(r["peak_mib"] / 1024, 3),
                       "peak_reserved_gib": None if r["peak_reserved_mib"] is None else round(r["peak_reserved_mib"] / 1024, 3),
-                      "mfu": round(flops_per_token * r["tokens_per_s_wall"] / H100_BF16_DENSE_FLOPS, 4),
+                      "mfu": None if peak is None else round(flops_per_token * r["tokens_per_s_wall"] / peak, 4),
                       "step1_loss": r["loss1"], "step1_logps_chosen": r["logps_chosen1"]}
         if name != "trl":
             runs[name].update(tokens_per_s_x_trl=round(r["tokens_per_s_wall"] / report["results"]["full"]["trl"]["tokens_per_s_wall"], 3),
                               peak_memory_x_trl=round(r["peak_mib"] / report["results"]["full"]["trl"]["peak_mib"], 3))
     return {"model": f"random Qwen2.5-0.5B-sized ({n / 1e6:.0f}M parameters, tied embeddings)" if not tiny else "tiny Qwen2 (smoke)",
             "settings": " ".join(argv) + " --data synthetic --modes full",
-            "mfu_formula": "(6N + 2N) * tokens/s / 989e12 with the reference forward, 6N * tokens/s / 989e12 with "
+            "gpu": gpu, "peak_bf16_dense_flops": peak,
+            "mfu_formula": "(6N + 2N) * tokens/s / peak with the reference forward, 6N * tokens/s / peak with "
                            "precomputed reference log-probs; N = all parameters (tied embedding counted once), "
-                           "tokens = sum of attention_mask, attention FLOPs not counted",
+                           "tokens = sum of attention_mask over the concatenated rows for every run (so the shared-"
+                           "prompt runs, which compute each prompt once, show an effective MFU: work done for the "
+                           "user per second), attention FLOPs not counted; peak = the GPU's dense bf16 figure "
+                           "(GPU_PEAK_TFLOPS overrides; unknown GPU: no MFU)",
             "agree_with_trl": report["agree_with_trl"], "problems": report["problems"], "runs": runs}
 
 

@@ -467,6 +467,38 @@ print("sequence log-probs, rejected rows:", logps[B:].cpu())
 """)
 
 md(r"""
+**One prompt per pair.** Rows $i$ and $B+i$ start with the same prompt $x$: the concatenated batch computes every
+prompt twice. `data.share_prompts` packs each pair as one row $[x; y_w; y_l]$: the positions of $y_l$ restart
+right after $x$, and a 4D attention mask keeps $y_l$'s tokens from seeing $y_w$'s, so every token sees exactly the
+tokens and positions it sees in its own concatenated row. The log-probs are the same; the prompt is computed once
+(Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing", arXiv:2410.20305). It also
+needs both completions to be scored under *one* prompt, which is what makes $\beta\log Z(x)$ cancel in §1: with
+`truncation_scope="pair"` (the default) a long pair is cut so that it is. `dpo.main` uses the shared rows by
+default (`--prefix_sharing`), after checking on a real batch that the model gives the same numbers both ways.
+""")
+
+code(r"""
+shared = dpo.to_device(data.share_prompts({k: v.cpu() for k, v in batch.items()}, pad_id), device)  # re-laid
+with torch.no_grad(), autocast():
+    shared_per_token, _ = dpo.completion_logps(model, {**batch, **shared})
+assert torch.allclose(shared_per_token, per_token, atol=atol)
+print(f"token slots: concatenated rows {tuple(batch['input_ids'].shape)} = {batch['input_ids'].numel()}, "
+      f"shared rows {tuple(shared['shared_input_ids'].shape)} = {shared['shared_input_ids'].numel()}")
+
+n = int((shared["shared_input_ids"][0] != pad_id).sum())  # pair 0 without its padding
+fig, ax = plt.subplots(figsize=(5, 5))
+ax.imshow(shared["shared_attention_mask"][0, 0, :n, :n].cpu(), cmap="Greys")
+prompt_len = int(batch["completion_mask"][0].argmax())
+chosen_len = int(batch["completion_mask"][0].sum())
+for edge in (prompt_len, prompt_len + chosen_len):
+    ax.axhline(edge - 0.5, color="tab:red", lw=0.8), ax.axvline(edge - 0.5, color="tab:red", lw=0.8)
+ax.set_xlabel("key (attended) token"), ax.set_ylabel("query token")
+ax.set_title("pair 0: [prompt; chosen; rejected], black = attends")
+plt.show()
+print("positions of pair 0:", shared["shared_position_ids"][0, :n].tolist())
+""")
+
+md(r"""
 **One training step by hand.** With $h_i = c_i - r_i$ per pair and the batch loss
 $L = \frac1B\sum_i -\log\sigma(\beta h_i)$, the gradient of Eq. 7 with respect to the summed log-probs (the paper's
 Section 4) is
