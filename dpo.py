@@ -273,7 +273,7 @@ def check_head(model):
     model.train(was_training)
     if ours.shape != theirs.shape or (ours - theirs).abs().max() > 0.02 * theirs.abs().max() + 1e-4:  # bf16 slack
         raise runs.RunError(f"{model.config.model_type} ({type(model).__name__}) makes its logits in a way "
-                         "dpo.py does not reproduce; add its step to logits_from_hidden (and tests/test_model_families.py)")
+                            "dpo.py does not reproduce; add its step to logits_from_hidden (and tests/test_model_families.py)")
 
 
 def _score_tokens(hidden, model, labels, with_wpo):
@@ -364,7 +364,7 @@ def router_aux_loss(model, router_logits, attention_mask):
     balance = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)  # e.g. modeling_mixtral's
     if balance is None or not hasattr(lm, "num_experts") or lm.config.model_type == "doge":  # doge's takes other arguments
         raise runs.RunError(f"{lm.config.model_type}: dpo.py cannot compute its load-balancing loss as "
-                         "the model does; train without it: --router_aux_loss_coef 0")
+                            "the model does; train without it: --router_aux_loss_coef 0")
     return balance(router_logits, lm.num_experts, lm.num_experts_per_tok, attention_mask)
 
 
