@@ -68,11 +68,11 @@ def batch_plan(pairs_per_step: int, per_device: int, num_processes: int) -> tupl
     warning = None
     if left:  # no exact plan: the nearest global batch, and say so, since it changes the learning-rate scale and steps
         per_process = max(1, round(pairs_per_step / num_processes))
-        fits = [n for n in range(1, pairs_per_step + 1) if pairs_per_step % n == 0]
+        fits = [n for n in range(2, 2 * num_processes + 1) if pairs_per_step % n == 0] or [pairs_per_step]
         warning = (f"{pairs_per_step} pairs per step (per_device_train_batch_size x gradient_accumulation_steps) do "
                    f"not split over {num_processes} processes: this command takes {num_processes * per_process} pairs "
                    f"per step, not {pairs_per_step}, so an epoch has {pairs_per_step / (num_processes * per_process):.2g}x "
-                   f"as many steps at the same learning rate; use --num_processes {' or '.join(map(str, fits[-4:]))} "
+                   f"as many steps at the same learning rate; use --num_processes {' or '.join(map(str, fits))} "
                    f"(a divisor of {pairs_per_step}), or make pairs per step a multiple of {num_processes}")
     per_device = max(n for n in range(1, min(per_device, per_process) + 1) if per_process % n == 0)
     return per_device, per_process // per_device, warning

@@ -84,7 +84,7 @@ def test_batch_plan_keeps_the_global_batch():
 def test_a_batch_that_does_not_split_is_a_warning_line():
     per_device, accumulation, warning = batch_plan(16, 2, 3)
     assert 3 * per_device * accumulation == 15  # the nearest global batch
-    assert "15 pairs per step, not 16" in warning and "--num_processes 2 or 4 or 8 or 16" in warning
+    assert "15 pairs per step, not 16" in warning and "--num_processes 2 or 4 (a divisor of 16)" in warning
     command = export_trl_command(dpo.parse_args(ARGV), ARGV, num_processes=3)
     assert "\n# warning: 16 pairs per step" in command
 
