@@ -120,6 +120,7 @@ class Config:
     sample_eval: int = field(default=0, metadata={"help": "at the end, sample N held-out prompts from reference and policy"})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "replace what an earlier run wrote in output_dir"})
     export_trl: bool = field(default=False, metadata={"help": "print the equivalent TRL command (multi-GPU) and exit"})
+    num_processes: Optional[int] = field(default=None, metadata={"help": "GPUs the --export_trl command runs on (default 8)"})
     debug: bool = field(default=False, metadata={"help": "show the Python traceback of an error"})
 
 
@@ -700,7 +701,7 @@ def cli(argv):
         if config.export_trl:
             from export_trl import export_trl_command
 
-            print(export_trl_command(config, argv))
+            print(export_trl_command(config, argv, config.num_processes or 8))
         else:
             main(config)
     except (runs.OptionError, runs.RunError, data.DataError, checkpoints.CheckpointError) as err:

@@ -52,6 +52,7 @@ RANGES = [
     ("lora_alpha", lambda v: v > 0, "> 0"),
     ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("logging_steps", lambda v: v >= 1, ">= 1"),
+    ("num_processes", lambda v: v is None or v >= 1, ">= 1"),
     ("eval_steps", lambda v: v is None or v >= 1, ">= 1"),
     ("save_steps", lambda v: v >= 0, ">= 0 (0: only on Ctrl-C/SIGTERM)"),
     ("save_total_limit", lambda v: v is None or v >= 1, ">= 1"),

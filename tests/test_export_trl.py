@@ -1,5 +1,10 @@
 """`python dpo.py --export_trl`: every option the exported `trl dpo` command carries is accepted by TRL 1.16's own
-parser (DPOConfig, ModelConfig, ScriptArguments) with the same value."""
+parser (DPOConfig, ModelConfig, ScriptArguments) with the same value; the batch is split over N processes so that the
+global batch stays this run's; local data is written as the rows this run uses; every Config field is accounted for;
+and TRL's own script, run on the exported options, trains the same number of steps on the same pairs per step."""
+import dataclasses
+import json
+import math
 import shlex
 import subprocess
 import sys
@@ -7,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
+import data
 import dpo
-from export_trl import export_trl_command
+import export_trl
+from export_trl import batch_plan, export_trl_command
+from tiny import make_model_dir, make_preference_dir
 
 pytest.importorskip("trl")
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +49,12 @@ def test_trl_accepts_every_exported_option_with_the_same_value():
     command = export_trl_command(cfg, ARGV)
     script, training, model = trl_parse(command)
     assert model.model_name_or_path == cfg.model and script.dataset_name == cfg.dataset
-    for name in ("beta", "learning_rate", "max_length", "truncation_mode", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "max_steps", "ld_alpha", "use_weighting",
+    for name in ("beta", "learning_rate", "max_length", "truncation_mode", "max_steps", "ld_alpha", "use_weighting",
                  "save_steps", "save_total_limit", "gradient_checkpointing", "num_train_epochs", "bf16",
                  "router_aux_loss_coef"):
         assert getattr(training, name) == getattr(cfg, name), name
+    # 8 processes share this run's 2 x 8 = 16 pairs per step: 2 each, no accumulation
+    assert (training.per_device_train_batch_size, training.gradient_accumulation_steps) == (2, 1)
     assert getattr(training.lr_scheduler_type, "value", training.lr_scheduler_type) == "cosine" and training.eval_steps == 50
     assert training.warmup_steps == cfg.warmup_ratio  # transformers 5 reads a float < 1 as the warmup ratio
     assert getattr(training.optim, "value", training.optim) == cfg.optim
@@ -62,3 +71,49 @@ def test_export_is_a_dpo_py_option():
                           "--reference_free"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.startswith("trl dpo --accelerate_config multi_gpu") and "--reference_free" in run.stdout
+
+
+def test_batch_plan_keeps_the_global_batch():
+    assert batch_plan(16, 2, 8) == (2, 1, None)  # 2 x 8 on one GPU -> 8 x 2 x 1
+    assert batch_plan(64, 4, 8) == (4, 2, None)  # the per-device batch never grows past what fitted one GPU
+    assert batch_plan(8, 8, 8) == (1, 1, None)
+    assert batch_plan(12, 4, 1) == (4, 3, None)  # one process: the run itself
+    assert batch_plan(12, 3, 8)[:2] == (2, 1) and "16 pairs per step, not 12" in batch_plan(12, 3, 8)[2]
+
+
+def test_a_batch_that_does_not_split_is_a_warning_line():
+    per_device, accumulation, warning = batch_plan(16, 2, 3)
+    assert 3 * per_device * accumulation == 15  # the nearest global batch
+    assert "15 pairs per step, not 16" in warning and "--num_processes 2 or 4 (a divisor of 16)" in warning
+    command = export_trl_command(dpo.parse_args(ARGV), ARGV, num_processes=3)
+    assert "\n# warning: 16 pairs per step" in command
+
+
+def test_every_config_field_is_mapped_listed_or_ignored():
+    """A new Config field must be added to one of these, or --export_trl would drop it without a word."""
+    kinds = [set(export_trl.SAME), set(export_trl.RENAMED), export_trl.COMPUTED, set(export_trl.OURS_ONLY),
+             set(export_trl.NO_EFFECT)]
+    fields = {f.name for f in dataclasses.fields(dpo.Config)}
+    assert fields == set().union(*kinds), f"unclassified: {sorted(fields - set().union(*kinds))}"
+    assert sum(map(len, kinds)) == len(fields), "a field is in two of them"
+
+
+def _rows(dataset):
+    return [dict(r) for r in dataset]
+
+
+@pytest.mark.parametrize("layout", ["file", "folder"])
+def test_local_data_is_written_as_the_rows_this_run_uses(tmp_path, layout):
+    import datasets
+
+    prefs = make_preference_dir(tmp_path / "prefs", n_train=40, n_test=6)
+    dataset = f"{prefs}/train.jsonl" if layout == "file" else prefs
+    argv = ["--model", "m", "--dataset", dataset, "--output_dir", str(tmp_path / "out"), "--bf16", "False"]
+    cfg = dpo.parse_args(argv)
+    words = shlex.split(export_trl_command(cfg, argv).splitlines()[0])
+    assert words[words.index("--dataset_name") + 1] == str(tmp_path / "out" / "trl_dataset")
+    train, evaluation = data.load_preference_dataset(dataset, seed=cfg.seed)  # held out (file) or the test split
+    trl_view = datasets.load_dataset(str(tmp_path / "out" / "trl_dataset"))  # what TRL's script loads
+    assert _rows(trl_view["train"]) == _rows(train) and _rows(trl_view["test"]) == _rows(evaluation)
+    assert len(evaluation) == (2 if layout == "file" else 6)
+    assert words[words.index("--eval_strategy") + 1] == "steps"  # else TRL's script drops the eval rows
