@@ -30,6 +30,8 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
 
+import model_card
+
 MANIFEST = "manifest.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # exactly: a user's checkpoint-best/ or checkpoint-100-backup/ is not one
 
@@ -104,8 +106,10 @@ def save_checkpoint(output_dir, step, model, ref_model, optimizer, scheduler, tr
 
 def save_model(cfg, model, tokenizer, out):
     """Full fine-tuning: the model; LoRA: the adapter (AutoPeftModelForCausalLM loads it), and with
-    --merge_adapter also the merged model. Always safetensors; each folder written whole or not at all."""
+    --merge_adapter also the merged model. Always safetensors; each folder written whole or not at all, with its
+    model card (README.md, model_card.py; it replaces the template peft writes)."""
     out = Path(out)
+    records = read_metrics(out / "metrics.jsonl")  # the final evaluation, for the card
 
     def write(folder, to_save):
         tmp = out / f".tmp-{folder}"
@@ -113,6 +117,7 @@ def save_model(cfg, model, tokenizer, out):
         try:
             to_save.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
+            (tmp / "README.md").write_text(model_card.model_card(cfg, records, folder))
             for p in tmp.rglob("*"):
                 if p.is_file():
                     sync_file(p)

@@ -36,6 +36,7 @@ import checkpoints
 import data
 import losses
 import runs
+import trackers
 
 HERE = Path(__file__).resolve().parent
 DEMO_MODEL = HERE / "assets" / "tiny-sentiment-lm"  # built by scripts/make_assets.py, see assets/README.md
@@ -112,6 +113,7 @@ class Config:
     merge_adapter: bool = field(default=False, metadata={"help": "also save the LoRA-merged full model"})
     # ---- logging, evaluation, checkpoints ----
     output_dir: Optional[str] = field(default=None, metadata={"help": "where everything is written (default runs/<time>)"})
+    report_to: str = field(default="none", metadata={"help": "also send the metrics to tensorboard, wandb or trackio (trackers.py)"})
     logging_steps: int = field(default=10, metadata={"help": "steps between metric lines"})
     eval_steps: Optional[int] = field(default=None, metadata={"help": "steps between evaluations (default: only at the end)"})
     save_steps: int = field(default=500, metadata={"help": "steps between checkpoints (0: none, but still on Ctrl-C)"})
@@ -572,10 +574,12 @@ def main(cfg: Config):
     metrics_file = out / "metrics.jsonl"
     kept = [r for r in checkpoints.read_metrics(metrics_file) if r["step"] <= step]  # (a half-written last line dropped)
     metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))  # a resumed run rewrites what came after its checkpoint
+    tracker = trackers.start(cfg, step)  # --report_to: each record also goes there; closed in the loop's `finally`
 
     def log(record):
         with metrics_file.open("a") as f:
             f.write(json.dumps({"step": step, **record}) + "\n")
+        trackers.log(tracker, record, step)
 
     def trainer_state():  # what a checkpoint needs besides the weights: the step, the open window, the options
         return {"global_step": step, "window": {k: [float(x) for x in v] for k, v in window.items()},
@@ -644,6 +648,10 @@ def main(cfg: Config):
                 last_checkpoint = checkpoints.save_checkpoint(cfg.output_dir, step, model, ref_model, optimizer, scheduler,
                                                               trainer_state(), cfg.save_total_limit, cfg.sync_ref_model)
             bar.update(1)
+        final_eval = evaluate(cfg, model, ref_model, eval_set, pad_id, autocast) if eval_set and not stop["signal"] else {}
+        if final_eval:  # (inside the `try`: the last record reaches the tracker before it is closed)
+            log(final_eval)
+            tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in final_eval.items()))
     except FloatingPointError as err:
         raise runs.RunError(f"{err}; training stopped, and the last good checkpoint is "
                             f"{last_checkpoint or checkpoints.last_intact(out) or 'none (no checkpoint was saved yet)'}; "
@@ -656,17 +664,14 @@ def main(cfg: Config):
         bar.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        trackers.finish(tracker)
     if stop["signal"]:
         path = checkpoints.save_checkpoint(cfg.output_dir, step, model, ref_model, optimizer, scheduler,
                                            trainer_state(), cfg.save_total_limit, cfg.sync_ref_model)
         raise SystemExit(f"interrupted ({signal.Signals(stop['signal']).name}): saved {path}; "
                          f"continue with --resume_from_checkpoint {path}")
 
-    # ---- the end: evaluation, the model, curves, samples ----
-    final_eval = evaluate(cfg, model, ref_model, eval_set, pad_id, autocast) if eval_set else {}
-    if final_eval:
-        log(final_eval)
-        print(" ".join(f"{k}={v:.4g}" for k, v in final_eval.items()))
+    # ---- the end (the final evaluation is the loop's last act): the model, curves, samples ----
     checkpoints.save_model(cfg, model, tokenizer, out)
     runs.plot_curves(metrics_file, out / "curves.png")
     if cfg.sample_eval and eval_set:

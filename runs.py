@@ -6,6 +6,7 @@ A user error is one line on stderr, `dpo.py: error: <what was wrong>, <where>, <
 options (OptionError) and 1 for data, files and faults (RunError, data.DataError, checkpoints.CheckpointError).
 """
 import hashlib
+import importlib.util
 import json
 import math
 import shutil
@@ -85,6 +86,10 @@ def check_options(cfg, problems: list[str]):
         problems.append(f"--lr_scheduler_type must be linear, cosine or constant, not {cfg.lr_scheduler_type!r}")
     if cfg.optim not in ("adamw_torch", "rmsprop", "paged_adamw_8bit"):
         problems.append(f"--optim must be adamw_torch, rmsprop or paged_adamw_8bit, not {cfg.optim!r}")
+    if cfg.report_to not in ("none", "tensorboard", "wandb", "trackio"):
+        problems.append(f"--report_to must be none, tensorboard, wandb or trackio, not {cfg.report_to!r}")
+    elif cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:  # checked now, not after loading
+        problems.append(f"--report_to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
     if cfg.resume_from_checkpoint == "latest" and cfg.output_dir is None:
         problems.append("--resume_from_checkpoint latest looks in --output_dir: give it, or the checkpoint's path")
     if problems:
@@ -110,7 +115,8 @@ def check_model_path(option: str, name: str):
 # ----------------------------------------------------------------------------------------------------------------
 # The output folder
 
-RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "sample_eval.json", "model", "merged")  # what a run writes
+RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "sample_eval.json", "model", "merged",  # what a run writes
+             "tensorboard", "wandb", "tracker.json")  # (trackers.py)
 
 
 def run_entries(out: Path) -> list[Path]:
@@ -178,7 +184,7 @@ def load_tokenizer(cfg):
 
 # Options that may differ on resume; the change is stated. All but the learning rate change no number of the training
 # (the learning rate is what one lowers to resume past a divergence: set_peak_learning_rate applies it).
-MAY_CHANGE_ON_RESUME = {"learning_rate", "prefix_sharing", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "sample_eval", "show_examples",
+MAY_CHANGE_ON_RESUME = {"learning_rate", "prefix_sharing", "report_to", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "sample_eval", "show_examples",
                         "cpu_threads", "per_device_eval_batch_size", "output_dir", "resume_from_checkpoint",
                         "overwrite_output_dir", "debug", "export_trl"}
 

@@ -3,7 +3,6 @@ last intact checkpoint, user folders left alone, a half-written metrics line tol
 AdamW directly (milliseconds); three tests run dpo.main for 2-3 steps."""
 import errno
 import json
-import types
 from pathlib import Path
 
 import pytest
@@ -165,7 +164,7 @@ def test_torch_save_on_a_full_disk_is_reported_as_one(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_while_saving_the_model_keeps_the_previous_model_folder(tmp_path, monkeypatch):
-    cfg = types.SimpleNamespace(use_peft=False, merge_adapter=False, load_in_4bit=False)
+    cfg = dpo.Config(use_peft=False, output_dir=str(tmp_path))  # (save_model writes the model card from it)
     model, tokenizer = tiny_state()[0], make_tokenizer()
     checkpoints.save_model(cfg, model, tokenizer, tmp_path)
     before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
