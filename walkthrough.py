@@ -280,8 +280,9 @@ plt.show()
 
 # %% [markdown]
 # What the table and plot show: IPO stops exactly at $\Delta = 1/(2\beta)$ (5 for β = 0.1, 0.5 for β = 1). DPO passes
-# that point and keeps growing for both β, roughly like $\log(\text{step})/\beta$ (a straight line on the log-log
-# axes would be a power law; DPO's curve bends down), driving $\pi_\theta(y_1)$ towards 0. Without the σ weight the
+# that point and keeps growing for both β: first linearly, like the unweighted loss, then slower as
+# $\sigma(-\beta\Delta)$ shrinks (the curve bends down on these log-log axes; for β = 1 it is already near
+# $\log(\text{step})/\beta$), driving $\pi_\theta(y_1)$ towards 0. Without the σ weight the
 # margin grows linearly in the number of steps: the same loss, minus the brake. A smaller β makes DPO go *further*
 # here, the opposite of what β promises in Eq. 3, because the loss reaches the same value at $\beta\Delta$, not at
 # $\Delta$. With many pairs per prompt the labels contradict each other and finite data tempers this, but a prompt
