@@ -21,8 +21,8 @@ SAME = ["beta", "loss_type", "loss_weights", "label_smoothing", "f_divergence_ty
         "discopop_tau", "ld_alpha", "use_weighting", "max_length", "truncation_mode", "learning_rate",
         "warmup_steps", "num_train_epochs", "max_steps", "max_grad_norm", "weight_decay", "optim", "seed",
         "bf16", "gradient_checkpointing", "precompute_ref_log_probs", "sync_ref_model", "ref_model_mixup_alpha",
-        "ref_model_sync_steps", "disable_dropout", "logging_steps", "save_steps", "save_total_limit", "output_dir",
-        "resume_from_checkpoint", "pad_to_multiple_of", "trust_remote_code", "use_peft", "lora_r", "lora_alpha",
+        "ref_model_sync_steps", "disable_dropout", "logging_steps", "report_to", "save_steps", "save_total_limit",
+        "output_dir", "resume_from_checkpoint", "pad_to_multiple_of", "trust_remote_code", "use_peft", "lora_r", "lora_alpha",
         "lora_dropout", "lora_target_modules", "load_in_4bit", "router_aux_loss_coef"]
 RENAMED = {"model": "model_name_or_path"}
 # Translated by export_trl_command itself: the batch arithmetic, the data, the evaluation schedule, two exact forms.
