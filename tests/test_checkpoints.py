@@ -12,7 +12,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 import checkpoints
 import dpo
 from checkpoints import CheckpointError
-from tiny import make_model_dir, make_preference_dir, make_tokenizer
+from tiny import make_model_dir, make_preference_dir, make_tokenizer, run_config
 
 
 def tiny_state(seed=0, tie=False):
@@ -39,7 +39,7 @@ def load(path):
 
 
 def test_manifest_lists_every_file_and_a_load_restores_everything(tmp_path):
-    model, optimizer, scheduler = state = tiny_state()
+    model, optimizer, scheduler = tiny_state()
     trainer_state = {"global_step": 3, "window": {"loss": [0.5, 0.25]}}
     path = checkpoints.save_checkpoint(tmp_path, 3, model, None, optimizer, scheduler, trainer_state)
     assert path == tmp_path / "checkpoint-3" and not list(tmp_path.glob(".tmp-*"))
@@ -225,9 +225,7 @@ def tiny(tmp_path_factory):
 
 
 def config(tiny, out, *extra):
-    return dpo.parse_args(["--model", tiny["model"], "--dataset", tiny["dataset"], "--output_dir", str(out),
-                           "--max_length", "32", "--per_device_train_batch_size", "4", "--logging_steps", "1",
-                           "--learning_rate", "1e-2", "--show_examples", "0", "--use_peft", "False", *extra])
+    return run_config(tiny, out, "--use_peft", "False", *extra)
 
 
 def test_resume_tolerates_a_half_written_metrics_line(tiny, tmp_path, capsys):

@@ -13,26 +13,9 @@ from safetensors.torch import load_file
 
 import data
 import dpo
-from tiny import WORDS, make_model_dir, make_preference_dir, make_tokenizer
+from tiny import make_model_dir, make_preference_dir, make_tokenizer, read_records as records, run_config as config, WORDS
 
 LN2 = math.log(2)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny")
-    return {"model": make_model_dir(base / "model"), "dataset": make_preference_dir(base / "data"), "base": base}
-
-
-def config(tiny, out, *extra):
-    argv = ["--model", tiny["model"], "--dataset", tiny["dataset"], "--output_dir", str(out), "--max_length", "32",
-            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--learning_rate", "1e-2",
-            "--show_examples", "0", *extra]
-    return dpo.parse_args(argv)
-
-
-def records(out):
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def assert_policy_is_reference(first):

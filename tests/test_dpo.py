@@ -3,7 +3,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,29 +14,10 @@ import checkpoints
 import data
 import dpo
 import losses
-from tiny import make_model_dir, make_preference_dir
+from tiny import interrupt_at_loss_call, read_records as records, run_config as config
 
 ROOT = Path(__file__).resolve().parents[1]
 LN2 = math.log(2)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny")
-    return {"model": make_model_dir(base / "model"), "dataset": make_preference_dir(base / "data"),
-            "other_model": make_model_dir(base / "other", seed=1)}
-
-
-def config(tiny, out, *extra):
-    """A Config from command-line words, as a user would type them."""
-    argv = ["--model", tiny["model"], "--dataset", tiny["dataset"], "--output_dir", str(out), "--max_length", "32",
-            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--learning_rate", "1e-2",
-            "--show_examples", "0", *extra]
-    return dpo.parse_args(argv)
-
-
-def records(out):
-    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def train_losses(out):
@@ -179,24 +159,10 @@ def test_qlora_on_cpu_trains_only_lora_and_the_saved_adapter_reloads(tiny, tmp_p
     assert reloaded["eval_loss"] == pytest.approx(logged["eval_loss"], abs=1e-5)
 
 
-def interrupt_at_step(monkeypatch, n):
-    """Deliver a real SIGINT (Ctrl-C) to this process during the n-th loss computation."""
-    calls = {"n": 0}
-    real = losses.dpo_loss
-
-    def wrapped(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(losses, "dpo_loss", wrapped)
-
-
 def test_interrupt_and_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch):
     args = ("--max_steps", "6", "--use_peft", "False", "--save_steps", "100", "--eval_steps", "3")
     dpo.main(config(tiny, tmp_path / "straight", *args))
-    interrupt_at_step(monkeypatch, 3)  # Ctrl-C during step 3: the step finishes, a checkpoint is saved
+    interrupt_at_loss_call(monkeypatch, 3)  # Ctrl-C during step 3: the step finishes, a checkpoint is saved
     with pytest.raises(SystemExit, match=r"interrupted \(SIGINT\): saved .*checkpoint-3"):
         dpo.main(config(tiny, tmp_path / "resumed", *args))
     monkeypatch.undo()

@@ -3,8 +3,6 @@ parser (DPOConfig, ModelConfig, ScriptArguments) with the same value; the batch 
 global batch stays this run's; local data is written as the rows this run uses; every Config field is accounted for;
 and TRL's own script, run on the exported options, trains the same number of steps on the same pairs per step."""
 import dataclasses
-import json
-import math
 import shlex
 import subprocess
 import sys
@@ -16,7 +14,7 @@ import data
 import dpo
 import export_trl
 from export_trl import batch_plan, export_trl_command
-from tiny import make_model_dir, make_preference_dir
+from tiny import make_preference_dir
 
 pytest.importorskip("trl")
 ROOT = Path(__file__).resolve().parents[1]

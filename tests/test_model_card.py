@@ -1,32 +1,14 @@
 """model_card.py: output_dir/model/README.md is a hub model card of the run (YAML front matter the hub reads, the
 key options, the final evaluation as in metrics.jsonl, the command, how to load it)."""
-import json
 import shlex
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
 import dpo
 import model_card
-from tiny import make_model_dir, make_preference_dir
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny")
-    return {"model": make_model_dir(base / "model"), "dataset": make_preference_dir(base / "data")}
-
-
-def argv(tiny, out, *extra):
-    return ["--model", tiny["model"], "--dataset", tiny["dataset"], "--output_dir", str(out), "--max_length", "32",
-            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--learning_rate", "1e-2",
-            "--show_examples", "0", *extra]
-
-
-def records(out):
-    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+from tiny import read_records as records, run_argv as argv
 
 
 def front_matter(card):

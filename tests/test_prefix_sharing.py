@@ -11,25 +11,9 @@ import torch
 
 import data
 import dpo
-from tiny import make_model_dir, make_preference_dir, make_tokenizer
+from tiny import make_preference_dir, make_tokenizer, read_records as records, run_config as config
 
 LN2 = math.log(2)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny")
-    return {"model": make_model_dir(base / "model"), "dataset": make_preference_dir(base / "data")}
-
-
-def config(tiny, out, *extra):
-    return dpo.parse_args(["--model", tiny["model"], "--dataset", tiny["dataset"], "--output_dir", str(out),
-                           "--max_length", "32", "--per_device_train_batch_size", "4", "--logging_steps", "1",
-                           "--learning_rate", "1e-2", "--show_examples", "0", *extra])
-
-
-def records(out):
-    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_layout_by_hand():

@@ -14,28 +14,17 @@ import torch
 from safetensors.torch import load_file
 
 import dpo
-import losses
-from tiny import make_model_dir, make_preference_dir
+from tiny import interrupt_at_loss_call, read_records, run_argv
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny")
-    return {"model": make_model_dir(base / "model"), "dataset": make_preference_dir(base / "data")}
-
-
 def argv(tiny, out, *extra):
-    return ["--model", tiny["model"], "--dataset", tiny["dataset"], "--output_dir", str(out), "--max_length", "32",
-            "--per_device_train_batch_size", "4", "--learning_rate", "1e-2", "--show_examples", "0",
-            "--use_peft", "False", *extra]
+    return run_argv(tiny, out, "--logging_steps", "10", "--use_peft", "False", *extra)
 
 
 def records(out):
-    """metrics.jsonl without the timing field, which no two runs share."""
-    return [{k: v for k, v in json.loads(l).items() if k != "tokens_per_second"}
-            for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return read_records(out, timing=False)
 
 
 def assert_same_run(straight, resumed):
@@ -47,20 +36,6 @@ def assert_same_run(straight, resumed):
     final_a, final_b = load_file(Path(straight) / "model" / "model.safetensors"), load_file(Path(resumed) / "model" / "model.safetensors")
     for k, v in final_a.items():
         assert torch.equal(v, final_b[k]), k
-
-
-def interrupt_at_loss_call(monkeypatch, n, sig):
-    """Deliver a real signal to this process during the n-th loss computation (a micro-batch, mid-step)."""
-    calls = {"n": 0}
-    real = losses.dpo_loss
-
-    def wrapped(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            os.kill(os.getpid(), sig)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(losses, "dpo_loss", wrapped)
 
 
 @pytest.mark.parametrize("settings, loss_call, sig", [

@@ -4,8 +4,6 @@ error before anything loads. Tiny runs on the CPU, offline (W&B in offline mode,
 import importlib.machinery
 import importlib.util
 import json
-import os
-import signal
 import sys
 import types
 from pathlib import Path
@@ -15,23 +13,7 @@ import pytest
 import dpo
 import losses
 import trackers
-from tiny import make_model_dir, make_preference_dir
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    base = tmp_path_factory.mktemp("tiny")
-    return {"model": make_model_dir(base / "model"), "dataset": make_preference_dir(base / "data")}
-
-
-def argv(tiny, out, *extra):
-    return ["--model", tiny["model"], "--dataset", tiny["dataset"], "--output_dir", str(out), "--max_length", "32",
-            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--learning_rate", "1e-2",
-            "--show_examples", "0", *extra]
-
-
-def records(out):
-    return [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+from tiny import interrupt_at_loss_call, read_records as records, run_argv as argv
 
 
 def as_sent(out):
@@ -122,23 +104,10 @@ def fake_trackio(monkeypatch):
     return calls
 
 
-def interrupt_at_step(monkeypatch, n):
-    """A real SIGINT (Ctrl-C) to this process during the n-th loss computation."""
-    real, calls = losses.dpo_loss, {"n": 0}
-
-    def wrapped(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == n:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(losses, "dpo_loss", wrapped)
-
-
 def test_trackio_is_closed_on_ctrl_c_and_continued_by_the_resumed_run(tiny, tmp_path, monkeypatch):
     calls = fake_trackio(monkeypatch)
     args = argv(tiny, tmp_path, "--max_steps", "4", "--use_peft", "False", "--report_to", "trackio")
-    interrupt_at_step(monkeypatch, 2)
+    interrupt_at_loss_call(monkeypatch, 2)
     with pytest.raises(SystemExit, match="interrupted"):
         dpo.main(dpo.parse_args(args))
     assert calls[-1] == ("finish",)

@@ -1,7 +1,9 @@
 """Tiny offline fixtures for the trainer tests: a word-level tokenizer, a random Llama built from a config, and a
 small preference set that a model can learn in a few dozen steps. Nothing is downloaded."""
 import json
+import os
 import random
+import signal
 from pathlib import Path
 
 import torch
@@ -50,3 +52,42 @@ def make_preference_dir(path: Path, n_train=64, n_test=32, seed=0) -> str:
                          "rejected": " " + " ".join(rng.choices(["bad", "awful", "poor", "no"], k=rng.randint(1, 3)))})
         (path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)
+
+
+# ---- running dpo.py on the fixtures ------------------------------------------------------------------------------
+
+
+def run_argv(tiny, out, *extra):
+    """Command-line words of a short run on the tiny fixtures, as a user would type them (later words win)."""
+    return ["--model", tiny["model"], "--dataset", tiny["dataset"], "--output_dir", str(out), "--max_length", "32",
+            "--per_device_train_batch_size", "4", "--logging_steps", "1", "--learning_rate", "1e-2",
+            "--show_examples", "0", *extra]
+
+
+def run_config(tiny, out, *extra):
+    """The resolved Config of those words (what `python dpo.py ...` would run)."""
+    import dpo
+
+    return dpo.parse_args(run_argv(tiny, out, *extra))
+
+
+def read_records(out, timing=True):
+    """metrics.jsonl as a list of dicts; timing=False drops tokens_per_second, which no two runs share."""
+    rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return rows if timing else [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in rows]
+
+
+def interrupt_at_loss_call(monkeypatch, n, sig=signal.SIGINT):
+    """Deliver a real signal (Ctrl-C's SIGINT, or a scheduler's SIGTERM) to this process during the n-th loss
+    computation, i.e. in the middle of a step."""
+    import losses
+
+    calls, real = {"n": 0}, losses.dpo_loss
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == n:
+            os.kill(os.getpid(), sig)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(losses, "dpo_loss", wrapped)
