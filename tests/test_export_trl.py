@@ -10,6 +10,7 @@ import pytest
 import dpo
 from export_trl import export_trl_command
 
+pytestmark = pytest.mark.trl
 pytest.importorskip("trl")
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -153,6 +153,7 @@ def trl_trainer(tmp_path, config_name, model_name, extra):
     return trainer, batch
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("model_type, config_name, model_name, extra", MOE, ids=[m[0] for m in MOE])
 @pytest.mark.parametrize("coef", [None, 0.5, 0.0])  # None: the config's own (0.001), as TRL
 def test_moe_loss_equals_trl(tmp_path, model_type, config_name, model_name, extra, coef):
