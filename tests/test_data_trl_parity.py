@@ -110,6 +110,7 @@ def assert_same_batches(ours, theirs, pad_token_id, max_length, truncation_mode,
             assert torch.equal(got[key], expected[key]), (start, key)
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("kind", ["no_bos", "bos"])
 @pytest.mark.parametrize("fmt", ["standard", "conversational"])
 def test_tokenization_matches_trl(hh_rows, tokenizers_, fmt, kind):
@@ -127,6 +128,7 @@ def test_tokenization_matches_trl(hh_rows, tokenizers_, fmt, kind):
         assert all(r["prompt_ids"][0] == 1 and (r["prompt_ids"] + r["chosen_ids"]).count(1) == 1 for r in ours)
 
 
+@pytest.mark.trl
 @pytest.mark.parametrize("mode", ["keep_end", "keep_start"])
 @pytest.mark.parametrize("kind", ["no_bos", "bos"])
 def test_collation_matches_trl(hh_rows, tokenizers_, kind, mode):
@@ -147,6 +149,7 @@ def test_collation_matches_trl(hh_rows, tokenizers_, kind, mode):
             assert counts["prompt_too_long" if mode == "keep_start" else "no_prompt_left"] > 0
 
 
+@pytest.mark.trl
 def test_conversational_collation_matches_trl(hh_rows, tokenizers_):
     """The chat-template path, collated at max_length 64 in both modes, equals TRL."""
     pytest.importorskip("trl")
@@ -158,6 +161,7 @@ def test_conversational_collation_matches_trl(hh_rows, tokenizers_):
         assert_same_batches(ours, theirs, data.pad_token_id(tokenizer), 64, mode)
 
 
+@pytest.mark.trl
 def test_a_real_dpo_trainer_prepares_and_collates_the_same(hh_rows, tokenizers_, tmp_path):
     """A DPOTrainer on a tiny random Llama (keep_start, max_length 64): its prepared train_dataset and its
     data_collator's batches equal ours, so calling _prepare_dataset on a stub above is faithful."""

@@ -16,6 +16,7 @@ import export_trl
 from export_trl import batch_plan, export_trl_command
 from tiny import make_preference_dir
 
+pytestmark = pytest.mark.trl
 pytest.importorskip("trl")
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,6 +12,7 @@ import types
 import pytest
 import torch
 
+pytestmark = pytest.mark.trl
 pytest.importorskip("trl")
 from datasets import Dataset  # noqa: E402
 from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
