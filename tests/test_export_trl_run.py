@@ -13,6 +13,7 @@ from export_trl import export_trl_command
 from tiny import make_model_dir, make_preference_dir
 
 pytest.importorskip("trl")
+pytestmark = pytest.mark.trl
 
 
 def run_trl_script(command):

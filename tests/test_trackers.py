@@ -47,6 +47,7 @@ def assert_same(got, want):
 
 
 def test_tensorboard_events_equal_metrics_jsonl_for_every_key_and_step_also_after_a_resume(tiny, tmp_path):
+    pytest.importorskip("tensorboard")  # a development dependency (requirements-dev.txt), not a runtime one
     args = argv(tiny, tmp_path, "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--use_peft", "False",
                 "--report_to", "tensorboard")
     dpo.main(dpo.parse_args(args))
