@@ -156,6 +156,7 @@ Z = (pi_ref * torch.exp(reward / beta)).sum()
 pi_star = pi_ref * torch.exp(reward / beta) / Z  # Eq. 4
 
 # The identity behind Eq. 4: objective(pi) = beta log Z - beta KL(pi || pi_star), for any pi (here 1000 random ones).
+torch.manual_seed(0)  # the same 1000 policies on every run (the committed outputs are checked against a fresh run)
 random_policies = torch.distributions.Dirichlet(torch.ones(5, dtype=torch.float64)).sample((1000,))
 for pi in random_policies:
     kl = (pi * (pi / pi_star).log()).sum()

@@ -18,7 +18,7 @@ forgot to re-execute after an edit:
 
 The fresh run must take under NOTEBOOK_BUDGET_S on 2 CPU cores (it trains the shipped tiny model 11 times, for
 about 340 steps in all, and samples from it 7 times). Re-sync the two files after an edit with
-`jupytext --to ipynb --execute walkthrough.py` (see the README).
+`jupytext --to ipynb walkthrough.py && jupyter execute --inplace walkthrough.ipynb` (see the README).
 """
 
 import copy
@@ -57,7 +57,7 @@ def test_paired_files_hold_the_same_cells():
         "walkthrough.ipynb is not paired with walkthrough.py (jupytext metadata formats: ipynb,py:percent)")
     assert cells(source) == cells(notebook), (
         "walkthrough.py and walkthrough.ipynb differ: edit walkthrough.py, then run "
-        "`jupytext --to ipynb --execute walkthrough.py` (or `jupytext --sync walkthrough.py` and execute)")
+        "`jupytext --to ipynb walkthrough.py && jupyter execute --inplace walkthrough.ipynb` (or `jupytext --sync walkthrough.py` and execute)")
     size = NOTEBOOK.stat().st_size
     assert size < MAX_NOTEBOOK_BYTES, f"walkthrough.ipynb is {size:,} bytes; keep it under {MAX_NOTEBOOK_BYTES:,}"
     nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -152,4 +152,4 @@ def test_notebook_runs_and_its_committed_outputs_are_what_a_fresh_run_gives(tmp_
                     break  # the first differing line of an output is enough
     assert not problems, (
         "the committed outputs of walkthrough.ipynb are not what a fresh run gives; re-execute it with "
-        "`jupytext --to ipynb --execute walkthrough.py` and commit it:\n" + "\n".join(problems))
+        "`jupytext --to ipynb walkthrough.py && jupyter execute --inplace walkthrough.ipynb` and commit it:\n" + "\n".join(problems))
