@@ -116,16 +116,19 @@ def build_fixture(work: Path, args):
     n_pairs = args.steps * args.batch_size
     kept = []
     for row in rows:  # one row at a time: prepare_dataset raises DataError for a set whose rows are all dropped
-        try:
-            data.prepare_dataset([row], tokenizer, max_length=args.max_length, truncation_mode="keep_start", verbose=False)
-            kept.append(row)
+        try:  # (scope "row": the lengths before the max_length cut; keep_start cuts the same tokens in both scopes)
+            (ex,) = data.prepare_dataset([row], tokenizer, max_length=args.max_length, truncation_mode="keep_start",
+                                         truncation_scope="row", verbose=False)
         except data.DataError:
-            pass
+            continue
+        if not args.cut_rows or len(ex["prompt_ids"]) + min(len(ex["chosen_ids"]), len(ex["rejected_ids"])) > args.max_length:
+            kept.append(row)  # --cut_rows: both sequences of every pair longer than max_length, so all rows are cut
         if len(kept) == n_pairs:
             break
     if len(kept) < n_pairs:
         raise SystemExit(f"compare_trl.py: only {len(kept)} usable pairs in {source}; lower --steps or --batch_size")
-    examples = data.prepare_dataset(kept, tokenizer, max_length=args.max_length, truncation_mode="keep_start", verbose=False)
+    examples = data.prepare_dataset(kept, tokenizer, max_length=args.max_length, truncation_mode="keep_start",
+                                    truncation_scope="row", verbose=False)
     lengths = [len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples]
     # dpo.py's data order for epoch 0 (seed + epoch); if dpo.py ever changes it, the step-1 check below fails loudly
     order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(SEED)).tolist()
@@ -421,6 +424,7 @@ def main():
                         "wait on each other and timings become noise; pass the core count on an idle machine)")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; each step's best time counts")
     p.add_argument("--no_precompute", action="store_true", help="skip the --precompute_ref_log_probs row")
+    p.add_argument("--cut_rows", action="store_true", help="only pairs whose both sequences exceed max_length: every row is cut to it")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, 1 warm-up, 1 repeat, max_length 128")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--workdir", help="keep the fixture and logs here (default: a temporary folder)")
