@@ -270,9 +270,10 @@ def check_head(model):
     """Refuse a model whose own forward makes other logits than logits_from_hidden (a family or remote code this file
     does not know): its log-probs would be silently wrong. Costs one 8-token forward at the start of a run."""
     ids, was_training = torch.arange(8, device=model.device)[None] % model.config.get_text_config().vocab_size, model.training
+    mask = torch.ones_like(ids)  # (without one, a model whose pad id is among the 8 warns about padding)
     model.eval()  # no dropout: both passes must see the same net
-    theirs = model(input_ids=ids, use_cache=False).logits[0].float()
-    ours = logits_from_hidden(model, model.get_decoder()(input_ids=ids, use_cache=False)[0][0])
+    theirs = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
+    ours = logits_from_hidden(model, model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)[0][0])
     model.train(was_training)
     if ours.shape != theirs.shape or (ours - theirs).abs().max() > 0.02 * theirs.abs().max() + 1e-4:  # bf16 slack
         raise runs.RunError(f"{model.config.model_type} ({type(model).__name__}) makes its logits in a way "
@@ -290,10 +291,11 @@ def _score_tokens(hidden, model, labels, with_wpo):
     return token_logps, logits_mean, log_sum_sq
 
 
-def completion_logps(model, batch, with_wpo=False, with_aux=False, chunk_tokens=1024):
+def completion_logps(model, batch, with_wpo=False, with_aux=False, chunk_tokens=256):
     """Per-token log-probs of the completion tokens, [2B, T-1], projecting only completion positions through the LM
     head, in chunks whose [N, V] logits are recomputed in backward rather than kept (the full-vocabulary logits are
-    the largest tensor of a DPO step). Returns (token_logps, stats): stats for the metrics, WPO and the MoE aux_loss.
+    the largest tensor of a DPO step: 256 tokens x Llama-3's 128k vocabulary is 131 MB in fp32, and backward holds
+    about four such tensors; a chunk of 1024 measured no faster on a CPU and would hold four times as much). Returns (token_logps, stats): stats for the metrics, WPO and the MoE aux_loss.
     With the batch's `shared_*` tensors (data.share_prompts) each pair's prompt is computed once, and the numbers
     are the same: every token sees the same tokens at the same positions."""
     mask = batch["completion_mask"][:, 1:].bool()
@@ -521,10 +523,12 @@ def main(cfg: Config):
     # ---- models: the policy, and the reference in one of four ways ----
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
     model = load_model(cfg, cfg.model, device, trainable=True)
+    runs.check_positions("--model", model, train_set + eval_set, cfg)  # the longest sequence fits its position table
     ref_model = None  # LoRA: the policy with adapters off
     if cfg.ref_model or (not cfg.use_peft and not cfg.reference_free):
         if cfg.ref_model:
             ref_model = load_model(cfg, cfg.ref_model, device, trainable=False)
+            runs.check_positions("--ref_model", ref_model, train_set + eval_set, cfg)
         else:  # a frozen copy of the policy at step 0, in the policy's own dtype (see load_model)
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.prefix_sharing:  # on where exact: checked on a real batch, else one line and the concatenated rows

@@ -249,6 +249,30 @@ def check_same_vocabulary(cfg, tokenizer):
                        "with added tokens needs a reference with the same resized embeddings)")
 
 
+def check_positions(option: str, model, examples: list[dict], cfg):
+    """A model with a learned table of positions (GPT-2's wpe, OPT's embed_positions) stops with an IndexError deep in
+    its forward on a longer sequence: refuse it now, naming the length that fits. A rotary model has no table and
+    runs, on positions its pre-training never saw: one printed line."""
+    c = model.config.get_text_config()
+    limit = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+    if not limit or not examples:
+        return
+    longest = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
+    longest = min(longest, cfg.max_length or longest)  # (truncation_scope row: collate cuts each sequence to it)
+    width = -(-longest // cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of if cfg.pad_to_multiple_of else longest
+    if width <= limit:
+        return
+    table = any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "embed_positions", "position_embeddings")
+                for name, m in model.named_modules())
+    padded = f" ({longest} padded to a multiple of --pad_to_multiple_of {cfg.pad_to_multiple_of})" if width > longest else ""
+    if table:
+        fix = f"--max_length {limit} or lower" if longest > limit else f"a --pad_to_multiple_of that divides {limit}"
+        raise RunError(f"{option} {getattr(cfg, option.lstrip('-'))} has learned position embeddings for {limit} positions, "
+                       f"but the longest sequence (prompt + completion) has {width} tokens{padded}; set {fix}")
+    print(f"note: the longest sequence has {width} tokens{padded}, more than {option}'s max_position_embeddings "
+          f"({limit}): positions past {limit} were not seen in its pre-training")
+
+
 def use_reference_columns(cfg, train_set, eval_set):
     """Reference log-probs given in the data (ref_chosen_logps / ref_rejected_logps) replace the reference only with
     --precompute_ref_log_probs, and only if every pair has finite values; otherwise they are ignored, saying so."""

@@ -165,6 +165,29 @@ def peak_reserved_mib(device):
     return torch.cuda.max_memory_reserved() / 2**20 if device == "cuda" else None
 
 
+def start_heap_sampler(result):
+    """--heap: the peak of the heap bytes in use (glibc's mallinfo2, every allocator arena; tensors included, code and
+    the interpreter's own object arenas not), sampled every millisecond by a thread: the CPU counterpart of
+    torch.cuda.max_memory_allocated. The thread costs both trainers the same small share of CPU time."""
+    import ctypes
+    import threading
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+    mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+    mallinfo2.restype = MallInfo2
+    result["peak_heap_mib"] = 0.0
+
+    def sample():
+        while True:
+            m = mallinfo2()
+            result["peak_heap_mib"] = max(result["peak_heap_mib"], (m.uordblks + m.hblkhd) / 2**20)
+            time.sleep(0.001)
+
+    threading.Thread(target=sample, daemon=True).start()
+
+
 def current_memory_mib(device):
     import torch
 
@@ -295,7 +318,11 @@ def child(spec_file):
         torch.set_num_threads(spec["threads"])
     if spec["device"] == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    heap = {}
+    if spec.get("heap"):
+        start_heap_sampler(heap)
     result = run_ours(spec) if spec["trainer"] == "ours" else run_trl(spec)
+    result.update(heap)
     Path(spec["result"]).write_text(json.dumps(result))
 
 
@@ -324,7 +351,7 @@ def launch(spec, work: Path, tag: str):
         raise SystemExit(f"compare_trl.py: run {tag}: {len(r['wall'])} step clocks and {len(r['tokens'])} "
                          f"batches for {n} steps of {k} micro-batches; see {log}")
     tokens = sum(r["tokens"][w * k:n * k])  # steps w+1 .. n, each timed from the end of the one before
-    out = {"peak_mib": r["peak_memory_mib"], "peak_reserved_mib": r["peak_reserved_mib"],
+    out = {"peak_mib": r["peak_memory_mib"], "peak_reserved_mib": r["peak_reserved_mib"], "peak_heap_mib": r.get("peak_heap_mib"),
            "before_step1_mib": r["memory_before_step1_mib"],
            "tokens_per_step": [sum(r["tokens"][i * k:(i + 1) * k]) for i in range(n)], "loss1": r.get("loss1"),
            "logps_chosen1": r.get("logps_chosen1"), "precompute_s": r.get("precompute_s")}
@@ -351,7 +378,7 @@ def summarise(runs, clock, warmup):
     out["tokens_per_s"], out["s_per_step"] = out[f"tokens_per_s_{clock}"], out[f"s_per_step_{clock}"]
     peaks = sorted(runs, key=lambda r: r["peak_mib"])
     median = peaks[len(peaks) // 2]
-    return dict(out, peak_mib=median["peak_mib"], peak_reserved_mib=median["peak_reserved_mib"],
+    return dict(out, peak_mib=median["peak_mib"], peak_reserved_mib=median["peak_reserved_mib"], peak_heap_mib=median["peak_heap_mib"],
                 before_step1_mib=first["before_step1_mib"],
                 tokens_per_step=first["tokens_per_step"], loss1=first["loss1"], logps_chosen1=first["logps_chosen1"],
                 precompute_s=min((r["precompute_s"] for r in runs), default=None) if first["precompute_s"] is not None else None)
@@ -361,7 +388,7 @@ def print_table(results, args, fixture, load, clock):
     memory = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
     speed = "tokens/CPU-s" if clock == "cpu" else "tokens/s"
     cols = ["mode", "run", speed, "x TRL", "s/step", "x TRL"] + (["wall tokens/s", "x TRL"] if clock == "cpu" else []) + \
-           [memory, "x TRL", "step-1 loss", "step-1 logps/chosen"]
+           [memory, "x TRL"] + (["peak heap MiB", "x TRL"] if args.heap else []) + ["step-1 loss", "step-1 logps/chosen"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for mode, rows in results.items():
         trl = rows["trl"]
@@ -373,7 +400,10 @@ def print_table(results, args, fixture, load, clock):
             cells = [mode, label]
             for key, fmt in (("tokens_per_s", ".0f"), ("s_per_step", ".3f")) + ((("tokens_per_s_wall", ".0f"),) if clock == "cpu" else ()):
                 cells += [f"{r[key]:{fmt}}", f"{r[key] / trl[key]:.2f}"]
-            cells += [f"{r['peak_mib']:.0f}", f"{r['peak_mib'] / trl['peak_mib']:.2f}", f"{r['loss1']:.6f}", f"{r['logps_chosen1']:.4f}"]
+            cells += [f"{r['peak_mib']:.0f}", f"{r['peak_mib'] / trl['peak_mib']:.2f}"]
+            if args.heap:
+                cells += [f"{r['peak_heap_mib']:.0f}", f"{r['peak_heap_mib'] / trl['peak_heap_mib']:.2f}"]
+            cells += [f"{r['loss1']:.6f}", f"{r['logps_chosen1']:.4f}"]
             lines.append("| " + " | ".join(cells) + " |")
         if "ours_pre" in rows:
             pre, ours = rows["ours_pre"], rows["ours"]
@@ -425,6 +455,8 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; each step's best time counts")
     p.add_argument("--no_precompute", action="store_true", help="skip the --precompute_ref_log_probs row")
     p.add_argument("--cut_rows", action="store_true", help="only pairs whose both sequences exceed max_length: every row is cut to it")
+    p.add_argument("--heap", action="store_true", help="CPU: also sample each run's peak heap bytes in use (glibc mallinfo2, "
+                   "every ms in a thread), the counterpart of CUDA's max_memory_allocated")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, 1 warm-up, 1 repeat, max_length 128")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--workdir", help="keep the fixture and logs here (default: a temporary folder)")
@@ -439,6 +471,8 @@ def main():
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads is None and args.device == "cpu":
         args.threads = 1
+    if args.heap and args.device != "cpu":
+        raise SystemExit("compare_trl.py: --heap is for CPU runs (on a GPU the peak is torch.cuda.max_memory_allocated)")
     if args.bf16 and args.device != "cuda":
         raise SystemExit("compare_trl.py: --bf16 is for --device cuda (bf16 matrix products are slow on most CPUs)")
     if not 1 <= args.warmup < args.steps:
@@ -454,7 +488,8 @@ def main():
         print(f"fixture built in {time.time() - start:.0f} s: {fixture}", flush=True)
         base = dict(model=str(work / "model"), data_ours=str(work / "ours.jsonl"), data_trl=str(work / "trl.jsonl"),
                     steps=args.steps, warmup=args.warmup, batch_size=args.batch_size, max_length=args.max_length,
-                    learning_rate=args.learning_rate, bf16=args.bf16, device=args.device, threads=args.threads)
+                    learning_rate=args.learning_rate, bf16=args.bf16, device=args.device, threads=args.threads,
+                    heap=args.heap)
         names = ["ours", "ours_concat", "trl"] + ([] if args.no_precompute else ["ours_pre"])
         runs, loads = {m: {n: [] for n in names} for m in args.modes}, [os.getloadavg()[0]]
         for rep in range(args.repeats):
@@ -467,7 +502,9 @@ def main():
                     loads.append(os.getloadavg()[0])
                     print(f"[{time.time() - start:4.0f} s] {mode:4} {name:11} repeat {rep}: {r['tokens_per_s_cpu']:6.0f} "
                           f"tokens/CPU-s {r['tokens_per_s_wall']:6.0f} tokens/s {r['s_per_step_wall']:.3f} s/step, peak "
-                          f"{r['peak_mib']:.0f} MiB (before step 1: {r['before_step1_mib']:.0f}), loss1 {r['loss1']:.6f} "
+                          f"{r['peak_mib']:.0f} MiB (before step 1: {r['before_step1_mib']:.0f})"
+                          + (f", peak heap {r['peak_heap_mib']:.0f} MiB" if r["peak_heap_mib"] is not None else "")
+                          + f", loss1 {r['loss1']:.6f} "
                           f"logps/chosen {r['logps_chosen1']:.4f}"
                           + (f", precompute {r['precompute_s']:.1f} s" if name == "ours_pre" else ""), flush=True)
         results = {m: {n: summarise(rs, clock, args.warmup) for n, rs in by_name.items()} for m, by_name in runs.items()}

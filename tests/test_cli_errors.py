@@ -12,9 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 
 import dpo
-from tiny import make_model_dir, make_preference_dir
+from tiny import make_gpt2_dir, make_model_dir, make_preference_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,6 +36,8 @@ def make_cases(base: Path) -> dict:
     (base / "bad.jsonl").write_text(jsonl([PAIR] * 3) + '{"prompt": "x", "chosen": oops}\n')
     (base / "latin1.jsonl").write_bytes((jsonl([PAIR] * 2) + '{"prompt": "caf\u00e9", "chosen": " a", "rejected": " b"}\n').encode("latin-1"))
     (base / "null.jsonl").write_text(jsonl([PAIR] * 30 + [{**PAIR, "rejected": None}] + [PAIR] * 9))
+    (base / "long.jsonl").write_text(jsonl([{**PAIR, "prompt": " ".join(["the movie was"] * 8)}] * 8))  # 24 + 1 + EOS tokens
+    gpt2 = make_gpt2_dir(base / "gpt2")  # 16 learned positions
     (base / "used").mkdir()
     (base / "used" / "metrics.jsonl").write_text('{"step": 1, "loss": 0.69}\n')
     common = ["--model", model, "--dataset", dataset, "--max_length", "32", "--max_steps", "1", "--show_examples", "0"]
@@ -69,6 +72,8 @@ def make_cases(base: Path) -> dict:
                               ["row 30", "null.jsonl", "field 'rejected'"]),
         "all_dropped": (common + ["--max_length", "3", "--truncation_mode", "keep_start"] + out("d6"), 1,
                         ["were dropped", "raise max_length"]),
+        "positions_table": (common + ["--model", gpt2, "--dataset", str(base / "long.jsonl")] + out("p1"), 1,
+                            ["learned position embeddings for 16 positions", "has 26 tokens", "--max_length 16"]),
         "used_output_dir": (common + ["--output_dir", str(base / "used")], 1,
                             ["is not empty", "--overwrite_output_dir", "--resume_from_checkpoint latest"]),
         "missing_checkpoint": (common + ["--resume_from_checkpoint", str(base / "out" / "x" / "checkpoint-7")], 1,
@@ -100,7 +105,7 @@ def results(tmp_path_factory):
 
 NAMES = ["beta_0", "negative_lr", "max_length_0", "lora_r_0", "pad_multiple_0", "two_problems", "unknown_option",
          "bad_loss", "latest_without_dir", "missing_model", "not_a_model", "missing_ref_model", "missing_dataset",
-         "empty_dataset", "invalid_json", "not_utf8", "null_field_row_30", "all_dropped", "used_output_dir",
+         "empty_dataset", "invalid_json", "not_utf8", "null_field_row_30", "all_dropped", "positions_table", "used_output_dir",
          "missing_checkpoint", "resume_longer", "truncated_optimizer", "diverged"]
 
 
@@ -126,3 +131,31 @@ def test_options_are_checked_before_the_tokenizer_loads(monkeypatch):
     """An option error is raised by parse_args, before main() loads anything."""
     with pytest.raises(dpo.runs.OptionError, match="--beta must be > 0.*--lora_r must be >= 1"):
         dpo.parse_args(["--beta", "0", "--lora_r", "0"])
+
+
+def test_positions_beyond_the_model(tmp_path, capsys):
+    """A learned position table (GPT-2) refuses a longer sequence, padding included; a rotary model (Llama) runs it
+    with one printed line; within the table nothing is said."""
+    gpt2 = dpo.load_model(dpo.parse_args(["--use_peft", "False"]), make_gpt2_dir(tmp_path / "gpt2"), torch.device("cpu"), True)
+    ex = lambda n: [{"prompt_ids": [5] * (n - 2), "chosen_ids": [6, 7], "rejected_ids": [8]}]  # noqa: E731  (n tokens)
+    cfg = lambda *a: dpo.parse_args(["--max_length", "64", *a])  # noqa: E731
+    dpo.runs.check_positions("--model", gpt2, ex(16), cfg())
+    with pytest.raises(dpo.runs.RunError, match="16 positions, but the longest sequence .* has 17 tokens; set --max_length 16"):
+        dpo.runs.check_positions("--model", gpt2, ex(17), cfg())
+    dpo.runs.check_positions("--model", gpt2, ex(30), cfg("--max_length", "16"))  # (row scope: collate cuts to 16)
+    with pytest.raises(dpo.runs.RunError, match=r"has 24 tokens \(9 padded .* 24\); set a --pad_to_multiple_of that divides 16"):
+        dpo.runs.check_positions("--model", gpt2, ex(9), cfg("--pad_to_multiple_of", "24"))
+    llama = dpo.load_model(dpo.parse_args(["--use_peft", "False"]), make_model_dir(tmp_path / "llama", max_position_embeddings=16),
+                           torch.device("cpu"), True)
+    capsys.readouterr()
+    dpo.runs.check_positions("--model", llama, ex(20), cfg())
+    assert "note: the longest sequence has 20 tokens, more than --model's max_position_embeddings (16)" in capsys.readouterr().out
+
+
+def test_the_head_check_passes_an_attention_mask(tmp_path, monkeypatch):
+    """check_head's 8 ids include the pad id of most tokenizers; without a mask transformers warns about padding."""
+    model = dpo.load_model(dpo.parse_args(["--use_peft", "False"]), make_gpt2_dir(tmp_path / "gpt2"), torch.device("cpu"), True)
+    masks = []
+    monkeypatch.setattr(type(model.transformer), "warn_if_padding_and_no_attention_mask", lambda self, ids, mask: masks.append(mask))
+    dpo.check_head(model)
+    assert len(masks) == 2 and all(m is not None for m in masks)

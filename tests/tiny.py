@@ -39,6 +39,20 @@ def make_model_dir(path: Path, seed=0, bos=True, words=WORDS, **config) -> str:
     return str(path)
 
 
+def make_gpt2_dir(path: Path, n_positions=16, seed=0) -> str:
+    """A 2-layer GPT-2 with a learned table of `n_positions` positions (no BOS), and the tokenizer above."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = make_tokenizer(bos=False)
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=64, n_layer=2, n_head=4, n_positions=n_positions,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    GPT2LMHeadModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
 def make_preference_dir(path: Path, n_train=64, n_test=32, seed=0) -> str:
     """Pairs whose chosen completion is always a positive phrase and rejected a negative one: learnable."""
     rng = random.Random(seed)
