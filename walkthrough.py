@@ -43,6 +43,7 @@
 
 # %%
 import contextlib
+import inspect
 import io
 import json
 import logging
@@ -1030,7 +1031,8 @@ configs = {  # from each model's config.json on the Hugging Face hub
     "Mistral-7B": dict(hidden=4096, heads=32, kv_heads=8, inter=14336, layers=32, vocab=32000, tied=False, qkv_bias=False),
     "Llama-3.1-8B": dict(hidden=4096, heads=32, kv_heads=8, inter=14336, layers=32, vocab=128256, tied=False, qkv_bias=False),
 }
-GiB, n_tokens, chunk, overhead = 2**30, 2 * 1024, 1024, 1.0
+chunk = inspect.signature(dpo.completion_logps).parameters["chunk_tokens"].default  # tokens per logits chunk
+GiB, n_tokens, overhead = 2**30, 2 * 1024, 1.0
 print(f"\n{'model':<13} {'N':>6} {'method':<6} {'policy':>7} {'ref':>6} {'train+Adam':>10} {'activ.':>7} {'logits':>7} "
       f"{'total GiB':>9}  {'16 GB':>5} {'24 GB':>5}")
 for name, c in configs.items():
@@ -1051,11 +1053,12 @@ for name, c in configs.items():
 # %% [markdown]
 # Reading the table: full fine-tuning as `dpo.py` does it (fp32 policy, its fp32 reference copy, AdamW) costs 20
 # bytes per parameter before any activation: 0.5B fits a 16 GB card, 7–8B would need 137–152 GiB. LoRA drops
-# the reference copy and the optimizer state of the base and keeps the base in bf16: Mistral-7B just misses a 16 GB
-# card and Llama-3.1-8B needs 24 GB. QLoRA stores each linear weight in about half a byte, which brings both onto a
-# 16 GB card; what is left is mostly Llama-3's embedding and LM head in bf16 (2 GiB for its 128k vocabulary) and the
-# logits chunk. Longer sequences or more pairs per micro-batch grow the activation column in proportion;
-# `--gradient_accumulation_steps` grows the batch without it.
+# the reference copy and the optimizer state of the base and keeps the base in bf16: Mistral-7B fills a 16 GB card
+# to the last GiB, with no room for longer rows, and Llama-3.1-8B needs 24 GB. QLoRA stores each linear weight in
+# about half a byte, which brings both onto a 16 GB card with room to spare; what is left is mostly Llama-3's
+# embedding and LM head in bf16 (2 GiB for its 128k vocabulary) and the activations. The logits column is one chunk
+# of `completion_logps` (256 tokens) in fp32, twice. Longer sequences or more pairs per micro-batch grow the
+# activation column in proportion; `--gradient_accumulation_steps` grows the batch without it.
 
 # %%
 shutil.rmtree(WORK)  # the runs of sections 5 and 6; comment this out to keep them
