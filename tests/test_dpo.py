@@ -257,3 +257,38 @@ def test_cli_smoke(tiny, tmp_path, mode):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "eval_loss=" in run.stdout
     assert (tmp_path / "model").is_dir() and (tmp_path / "config.json").is_file()
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_lr_schedule_equals_transformers_get_scheduler(schedule, warmup):
+    """dpo.lr_factor writes out transformers' formulas (constant = its constant_with_warmup): the same learning rate
+    at every step, to the last bit, over 10 steps and past the end."""
+    from transformers import get_scheduler
+
+    def rates(make):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        scheduler, out = make(optimizer), []
+        for _ in range(12):
+            out.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return out
+
+    ours = rates(lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda s: dpo.lr_factor(schedule, s, warmup, 10)))
+    theirs = rates(lambda o: get_scheduler({"constant": "constant_with_warmup"}.get(schedule, schedule), o,
+                                           num_warmup_steps=warmup, num_training_steps=10))
+    assert ours == theirs
+
+
+def test_full_fine_tuning_imports_neither_peft_nor_bitsandbytes(tiny, tmp_path):
+    """Full fine-tuning needs no adapters and no 4-bit layers; importing them (transformers' trainer utilities
+    would) costs ~170 MiB of memory and seconds of start-up."""
+    code = ("import sys, dpo; dpo.main(dpo.parse_args(sys.argv[1:])); "
+            "print('imported:', [m for m in ('peft', 'bitsandbytes', 'transformers.optimization') if m in sys.modules])")
+    run = subprocess.run([sys.executable, "-c", code, "--model", tiny["model"], "--dataset", tiny["dataset"],
+                          "--output_dir", str(tmp_path), "--max_steps", "1", "--max_length", "32", "--use_peft", "False",
+                          "--show_examples", "0"], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "imported: []" in run.stdout, run.stdout[-500:]
