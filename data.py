@@ -641,7 +641,8 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int | None = No
     return batch
 
 
-def share_prompts(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor] | None:
+def share_prompts(batch: dict[str, torch.Tensor], pad_token_id: int,
+                  pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor] | None:
     """The shared-prompt layout of a collated batch: one row per pair, [prompt; chosen; rejected], so that each
     prompt goes through the model once instead of twice (Wang et al. 2024, "Accelerating Direct Preference
     Optimization with Prefix Sharing", arXiv:2410.20305). Returns the `shared_*` tensors to add to the batch, or None
@@ -665,6 +666,8 @@ def share_prompts(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str
     if not torch.equal(P, prompt_len[B:]) or (P == 0).any():
         return None
     width = int((P + C + R).max())
+    if pad_to_multiple_of is not None:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
     input_ids = torch.full((B, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(B, width, dtype=torch.long)
     part = torch.zeros(B, width, dtype=torch.long)  # 1 prompt, 2 chosen, 3 rejected, 0 padding

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 import checkpoints
 import data
+import families
 import losses
 import runs
 import trackers
@@ -201,7 +202,7 @@ def load_model(cfg: Config, name: str, device: torch.device, trainable: bool):
             if hasattr(module, "support_avx512bf16_for_cpu"):  # a kernel with no backward: later gradients would be wrong
                 module.support_avx512bf16_for_cpu = False
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        check_head(model)  # refuse now a model whose log-probs this file would get wrong
+        families.check_head(model)  # refuse now a model whose log-probs this file would get wrong
     if not trainable:
         return model.eval().requires_grad_(False)
     if cfg.gradient_checkpointing and not cfg.load_in_4bit:  # (4-bit: enabled by the k-bit preparation above)
@@ -242,47 +243,9 @@ def completion_logps_naive(model, batch):
     return token_logps * batch["completion_mask"][:, 1:]  # [2B, T-1], zero outside completions
 
 
-def logits_from_hidden(model, hidden):
-    """Decoder hidden states [N, H] -> fp32 logits [N, V] exactly as the model's own forward makes them: the LM head, plus
-    each family's step (transformers 5.24, all in tests/test_model_families.py). check_head refuses any other model."""
-    c = model.config.get_text_config()  # PEFT forwards config and get_output_embeddings to the base model
-    if c.model_type in ("minicpm3", "inkling_text"):  # these scale the hidden states down, not the logits
-        hidden = hidden / (c.logits_scaling if c.model_type == "minicpm3" else c.logits_mup_width_multiplier)
-    logits = model.get_output_embeddings()(hidden).float()
-    if c.model_type.startswith("granite"):  # muP: Granite divides by logits_scaling ...
-        logits = logits / c.logits_scaling
-    elif c.model_type == "hyperclovax":  # ... HyperCLOVA X multiplies by an option of the same name
-        logits = logits * c.logits_scaling
-    elif c.model_type.startswith("cohere") and c.logit_scale is not None:
-        logits = logits * c.logit_scale
-    elif c.model_type == "falcon_h1":
-        logits = logits * c.lm_head_multiplier
-    elif c.model_type == "inkling_text" and c.unpadded_vocab_size:  # the head's padding rows are not tokens
-        logits = logits[:, :c.unpadded_vocab_size]
-    cap = getattr(c, "final_logit_softcapping", None) or getattr(c, "logits_soft_cap", None) or getattr(c, "output_logit_soft_cap", None)
-    if cap:  # Gemma-2 style soft-capping
-        logits = cap * torch.tanh(logits / cap)
-    return logits
-
-
-@torch.no_grad()
-def check_head(model):
-    """Refuse a model whose own forward makes other logits than logits_from_hidden (a family or remote code this file
-    does not know): its log-probs would be silently wrong. Costs one 8-token forward at the start of a run."""
-    ids, was_training = torch.arange(8, device=model.device)[None] % model.config.get_text_config().vocab_size, model.training
-    mask = torch.ones_like(ids)  # (without one, a model whose pad id is among the 8 warns about padding)
-    model.eval()  # no dropout: both passes must see the same net
-    theirs = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
-    ours = logits_from_hidden(model, model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)[0][0])
-    model.train(was_training)
-    if ours.shape != theirs.shape or (ours - theirs).abs().max() > 0.02 * theirs.abs().max() + 1e-4:  # bf16 slack
-        raise runs.RunError(f"{model.config.model_type} ({type(model).__name__}) makes its logits in a way "
-                            "dpo.py does not reproduce; add its step to logits_from_hidden (and tests/test_model_families.py)")
-
-
 def _score_tokens(hidden, model, labels, with_wpo):
     """log p(label) = z_label - logsumexp(z), in fp32, for a chunk of hidden states [N, H]."""
-    logits = logits_from_hidden(model, hidden)
+    logits = families.logits_from_hidden(model, hidden)  # the LM head (and a family's own scale: families.py)
     log_z = logits.logsumexp(-1)
     token_logps = logits.gather(-1, labels[:, None]).squeeze(-1) - log_z
     logits_mean = logits.detach().mean(-1)  # for the logits/chosen|rejected metrics
@@ -322,7 +285,7 @@ def completion_logps(model, batch, with_wpo=False, with_aux=False, chunk_tokens=
     if with_wpo:
         stats["log_sum_sq"] = torch.zeros(mask.shape, device=mask.device).index_put(where, log_sum_sq)
     if with_aux:
-        stats["aux_loss"] = router_aux_loss(model, out.router_logits, batch["attention_mask"])
+        stats["aux_loss"] = families.router_aux_loss(model, out.router_logits, batch["attention_mask"])
     return per_token, stats
 
 
@@ -334,7 +297,7 @@ def prefix_sharing_problem(cfg, model, batch) -> str | None:
     window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
     if attention not in ("sdpa", "eager"):
         return f"its attention ({attention}) takes no custom mask"
-    if aux_loss_coef(cfg, model):
+    if families.aux_loss_coef(cfg, model):
         return "the MoE balancing loss is defined over the concatenated rows"
     if window and window < 2 * cfg.max_length:  # a custom mask replaces the sliding window, harmless only if longer
         return f"its sliding window ({window}) is shorter than a shared row can be ({2 * cfg.max_length})"
@@ -362,26 +325,6 @@ def attention_mask_4d(model, attend):
     return torch.zeros(attend.shape, device=attend.device).masked_fill(~attend, torch.finfo(torch.float32).min)
 
 
-def router_aux_loss(model, router_logits, attention_mask):
-    """MoE load-balancing loss (Switch Transformer, arXiv:2101.03961, Eq. 4) exactly as the model's forward computes
-    it: its family's load_balancing_loss_func with its expert counts; padding (attention_mask 0) is not counted."""
-    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped ForCausalLM
-    balance = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)  # e.g. modeling_mixtral's
-    if balance is None or not hasattr(lm, "num_experts") or lm.config.model_type == "doge":  # doge's takes other arguments
-        raise runs.RunError(f"{lm.config.model_type}: dpo.py cannot compute its load-balancing loss as "
-                            "the model does; train without it: --router_aux_loss_coef 0")
-    return balance(router_logits, lm.num_experts, lm.num_experts_per_tok, attention_mask)
-
-
-def aux_loss_coef(cfg, model):
-    """TRL's rule: a model is MoE when its config has output_router_logits; unset takes its router_aux_loss_coef."""
-    c = model.config.get_text_config()
-    if cfg.router_aux_loss_coef and not hasattr(c, "output_router_logits"):
-        raise runs.OptionError(f"--router_aux_loss_coef: {c.model_type} is not a mixture-of-experts model; drop the option")
-    coef = getattr(c, "router_aux_loss_coef", 0.0) if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef
-    return coef if hasattr(c, "output_router_logits") else 0.0
-
-
 def sequence_logps(per_token, completion_mask, ld_alpha=None):
     """Sum of completion log-probs per row -> [2B]. LD-DPO (Liu et al. 2024, arXiv:2409.06411) down-weights by
     ld_alpha the tokens past the shorter completion of the pair, so length alone does not decide the margin."""
@@ -406,7 +349,7 @@ def dpo_step(cfg: Config, model, ref_model, batch):
     else:  # the reference first: its activations are freed before the policy's are kept for backward (lower peak)
         with reference(model, ref_model) as ref:
             ref_logps = sequence_logps(completion_logps(ref, batch)[0], batch["completion_mask"], cfg.ld_alpha)
-    coef = aux_loss_coef(cfg, model)
+    coef = families.aux_loss_coef(cfg, model)
     per_token, stats = completion_logps(model, batch, with_wpo=cfg.use_weighting, with_aux=coef != 0)
     logps = sequence_logps(per_token, batch["completion_mask"], cfg.ld_alpha)
     lengths = batch["completion_mask"].sum(1).clamp(min=1)  # TRL's |y| for the length-normalised losses
@@ -472,7 +415,7 @@ def precompute_reference(cfg, model, ref_model, examples, pad_id, autocast, name
 
 def collate_batch(cfg, examples, pad_id):
     batch = data.collate(examples, pad_id, cfg.max_length, cfg.truncation_mode, cfg.pad_to_multiple_of)
-    shared = data.share_prompts(batch, pad_id) if cfg.prefix_sharing else None  # None: a pair with two prompts
+    shared = data.share_prompts(batch, pad_id, cfg.pad_to_multiple_of) if cfg.prefix_sharing else None  # None: a pair with two prompts
     return {**batch, **(shared or {})}
 
 

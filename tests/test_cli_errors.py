@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import dpo
+import families
 from tiny import make_gpt2_dir, make_model_dir, make_preference_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,5 +158,5 @@ def test_the_head_check_passes_an_attention_mask(tmp_path, monkeypatch):
     model = dpo.load_model(dpo.parse_args(["--use_peft", "False"]), make_gpt2_dir(tmp_path / "gpt2"), torch.device("cpu"), True)
     masks = []
     monkeypatch.setattr(type(model.transformer), "warn_if_padding_and_no_attention_mask", lambda self, ids, mask: masks.append(mask))
-    dpo.check_head(model)
+    families.check_head(model)
     assert len(masks) == 2 and all(m is not None for m in masks)

@@ -35,6 +35,12 @@ def test_layout_by_hand():
     assert list(zip(rows.tolist(), pos.tolist())) == [(0, 1), (0, 2), (1, 0), (2, 1), (3, 0), (3, 1), (3, 2)]
     assert list(zip(shared["shared_rows"].tolist(), shared["shared_positions"].tolist())) == [
         (0, 1), (0, 2), (1, 0), (0, 1), (1, 0), (1, 2), (1, 3)]
+    padded = data.share_prompts(batch, pad_token_id=0, pad_to_multiple_of=8)  # --pad_to_multiple_of: 5 -> 8 columns
+    assert padded["shared_input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0], [5, 7, 8, 9, 10, 0, 0, 0]]
+    assert torch.equal(padded["shared_attention_mask"][:, :, :5, :5], shared["shared_attention_mask"])
+    assert not padded["shared_attention_mask"][:, :, :, 5:].any()  # no token attends to the padding
+    for key in ("shared_position_ids", "shared_rows", "shared_positions"):
+        assert torch.equal(padded[key][..., :5] if key == "shared_position_ids" else padded[key], shared[key])
 
 
 def test_pairs_with_two_different_prompts_are_not_shared():
@@ -92,7 +98,8 @@ def test_logps_and_gradients_equal_the_concatenated_rows(tiny, mode, attention):
     ["--use_peft", "False", "--sync_ref_model", "--ref_model_sync_steps", "1"],
     ["--reference_free"],
     ["--loss_type", "ipo", "--ld_alpha", "0.5", "--use_weighting"],
-], ids=["lora", "full", "ref_model", "precompute", "tr-dpo", "reference-free", "ipo+ld+wpo"])
+    ["--use_peft", "False", "--pad_to_multiple_of", "16"],
+], ids=["lora", "full", "ref_model", "precompute", "tr-dpo", "reference-free", "ipo+ld+wpo", "pad-to-16"])
 def test_training_is_the_same_with_and_without_prefix_sharing(tiny, tmp_path, mode):
     mode = [tiny["model"] if m == "MODEL" else m for m in mode]
     for sharing in ("True", "False"):

@@ -1,0 +1,68 @@
+"""What model families do differently around the decoder, reproduced so that dpo.py's log-probs are the model's own:
+the step between the last hidden states and the logits (scales and soft-caps), the check that refuses a model whose
+head this file does not know, and the mixture-of-experts load-balancing loss. dpo.py calls it; a reader of the
+algorithm can skip it: for most models `logits_from_hidden` is just the LM head.
+"""
+import sys
+
+import torch
+
+import runs
+
+
+def logits_from_hidden(model, hidden):
+    """Decoder hidden states [N, H] -> fp32 logits [N, V] exactly as the model's own forward makes them: the LM head, plus
+    each family's step (transformers 5.24, all in tests/test_model_families.py). check_head refuses any other model."""
+    c = model.config.get_text_config()  # PEFT forwards config and get_output_embeddings to the base model
+    if c.model_type in ("minicpm3", "inkling_text"):  # these scale the hidden states down, not the logits
+        hidden = hidden / (c.logits_scaling if c.model_type == "minicpm3" else c.logits_mup_width_multiplier)
+    logits = model.get_output_embeddings()(hidden).float()
+    if c.model_type.startswith("granite"):  # muP: Granite divides by logits_scaling ...
+        logits = logits / c.logits_scaling
+    elif c.model_type == "hyperclovax":  # ... HyperCLOVA X multiplies by an option of the same name
+        logits = logits * c.logits_scaling
+    elif c.model_type.startswith("cohere") and c.logit_scale is not None:
+        logits = logits * c.logit_scale
+    elif c.model_type == "falcon_h1":
+        logits = logits * c.lm_head_multiplier
+    elif c.model_type == "inkling_text" and c.unpadded_vocab_size:  # the head's padding rows are not tokens
+        logits = logits[:, :c.unpadded_vocab_size]
+    cap = getattr(c, "final_logit_softcapping", None) or getattr(c, "logits_soft_cap", None) or getattr(c, "output_logit_soft_cap", None)
+    if cap:  # Gemma-2 style soft-capping
+        logits = cap * torch.tanh(logits / cap)
+    return logits
+
+
+@torch.no_grad()
+def check_head(model):
+    """Refuse a model whose own forward makes other logits than logits_from_hidden (a family or remote code this file
+    does not know): its log-probs would be silently wrong. Costs one 8-token forward at the start of a run."""
+    ids, was_training = torch.arange(8, device=model.device)[None] % model.config.get_text_config().vocab_size, model.training
+    mask = torch.ones_like(ids)  # (without one, a model whose pad id is among the 8 warns about padding)
+    model.eval()  # no dropout: both passes must see the same net
+    theirs = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
+    ours = logits_from_hidden(model, model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)[0][0])
+    model.train(was_training)
+    if ours.shape != theirs.shape or (ours - theirs).abs().max() > 0.02 * theirs.abs().max() + 1e-4:  # bf16 slack
+        raise runs.RunError(f"{model.config.model_type} ({type(model).__name__}) makes its logits in a way "
+                            "dpo.py does not reproduce; add its step to families.logits_from_hidden (and tests/test_model_families.py)")
+
+
+def router_aux_loss(model, router_logits, attention_mask):
+    """MoE load-balancing loss (Switch Transformer, arXiv:2101.03961, Eq. 4) exactly as the model's forward computes
+    it: its family's load_balancing_loss_func with its expert counts; padding (attention_mask 0) is not counted."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped ForCausalLM
+    balance = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)  # e.g. modeling_mixtral's
+    if balance is None or not hasattr(lm, "num_experts") or lm.config.model_type == "doge":  # doge's takes other arguments
+        raise runs.RunError(f"{lm.config.model_type}: dpo.py cannot compute its load-balancing loss as "
+                            "the model does; train without it: --router_aux_loss_coef 0")
+    return balance(router_logits, lm.num_experts, lm.num_experts_per_tok, attention_mask)
+
+
+def aux_loss_coef(cfg, model):
+    """TRL's rule: a model is MoE when its config has output_router_logits; unset takes its router_aux_loss_coef."""
+    c = model.config.get_text_config()
+    if cfg.router_aux_loss_coef and not hasattr(c, "output_router_logits"):
+        raise runs.OptionError(f"--router_aux_loss_coef: {c.model_type} is not a mixture-of-experts model; drop the option")
+    coef = getattr(c, "router_aux_loss_coef", 0.0) if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef
+    return coef if hasattr(c, "output_router_logits") else 0.0
