@@ -159,6 +159,7 @@ def resolve(cfg: Config, argv: list[str]) -> Config:
 # Model and reference
 
 
+@runs.quiet_library_notices()
 def load_model(cfg: Config, name: str, device: torch.device, trainable: bool):
     """AutoModelForCausalLM, in 4-bit NF4 for QLoRA. The policy and a reference loaded here get the same dtypes
     (full fine-tuning: fp32 masters; LoRA: the frozen base in the compute dtype), so that a reference with the

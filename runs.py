@@ -5,11 +5,14 @@ skip this file.
 A user error is one line on stderr, `dpo.py: error: <what was wrong>, <where>, <what to do>`, with exit code 2 for
 options (OptionError) and 1 for data, files and faults (RunError, data.DataError, checkpoints.CheckpointError).
 """
+import contextlib
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -247,6 +250,22 @@ def check_same_vocabulary(cfg, tokenizer):
         raise RunError(f"--ref_model {cfg.ref_model} has an output vocabulary of {sizes[1]:,} and "
                        f"--model {cfg.model} of {sizes[0]:,}; the two models must share the vocabulary (a policy "
                        "with added tokens needs a reference with the same resized embeddings)")
+
+
+@contextlib.contextmanager
+def quiet_library_notices():
+    """Two notices that loading a model printed on every LoRA run, about the libraries and not the run:
+    bitsandbytes (imported by peft) found no optional CPU kernel from the `kernels` package and uses its own, and peft
+    asks transformers for a renamed attribute (a FutureWarning). Only these two; anything else is still shown."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
 
 
 def check_positions(option: str, model, examples: list[dict], cfg):

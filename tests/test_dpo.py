@@ -257,6 +257,8 @@ def test_cli_smoke(tiny, tmp_path, mode):
     assert run.returncode == 0, run.stderr[-3000:]
     assert "eval_loss=" in run.stdout
     assert (tmp_path / "model").is_dir() and (tmp_path / "config.json").is_file()
+    for notice in ("gemm_4bit_forward", "is_gradient_checkpointing"):  # library notices, not about the run
+        assert notice not in run.stderr, run.stderr[-2000:]
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
