@@ -175,7 +175,8 @@ def load_preference_dataset(dataset: str, dataset_split: str = "train", eval_spl
     """Load a preference dataset and return (train, eval).
 
     `dataset` is a local .jsonl/.json/.parquet/.csv file (also .gz), a folder of such files named by split
-    (train.jsonl, test.jsonl, ...), a `save_to_disk` folder, or else a Hugging Face Hub name. Train is `dataset_split`.
+    (train.jsonl, test.jsonl, ...), a folder in the Hub's layout (data/train-00000-of-00001.parquet, as a downloaded
+    dataset repo has it: read by datasets' own loader), a `save_to_disk` folder, or else a Hugging Face Hub name. Train is `dataset_split`.
     Eval is `eval_split` if given; else the dataset's "test", "validation" or "eval" split; else a seeded, held-out
     `eval_fraction` of train (the same rows on every run, disjoint from train; 0 means no eval set).
 
@@ -194,19 +195,30 @@ def load_preference_dataset(dataset: str, dataset_split: str = "train", eval_spl
         splits = datasets.load_from_disk(str(path))
     elif path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and _file_format(p))
-        if not files:
+        if not files and any(p.is_file() and _file_format(p) for p in path.rglob("*")):
+            # the Hub's layout (a downloaded or cloned dataset repo): data/train-00000-of-00001.parquet, train/*.jsonl,
+            # or a README's `configs:`; datasets' own loader knows its conventions
+            try:
+                splits = datasets.load_dataset(str(path))
+            except Exception as e:
+                message = (str(e).strip().splitlines() or [""])[0]
+                raise DataError(f"dataset folder {dataset!r}: datasets could not load the files in its subfolders "
+                                f"({type(e).__name__}: {message}); put the files at the top (train.jsonl, "
+                                "test.jsonl, ...)") from e
+        elif not files:
             raise DataError(f"dataset folder {dataset!r} has no .jsonl/.json/.parquet/.csv files and is not a "
                             f"save_to_disk folder; it contains: {sorted(p.name for p in path.iterdir())}")
-        formats = {_file_format(p) for p in files}
-        if len(formats) > 1:
-            raise DataError(f"dataset folder {dataset!r} mixes file types {sorted(formats)}; use one type")
-        by_split = {}  # split name = file name up to the first "." or "-": train.jsonl, test-00000-of-00001.parquet
-        for p in files:
-            by_split.setdefault(p.name.split(".")[0].split("-")[0], []).append(p)
-        splits = _load_files(formats.pop(), by_split)
-        where = {split: f"split {split!r}, file {ps[0]}" if len(ps) == 1 else
-                 f"split {split!r}, files {[p.name for p in ps]} of {path} (rows numbered on across them)"
-                 for split, ps in by_split.items()}
+        else:
+            formats = {_file_format(p) for p in files}
+            if len(formats) > 1:
+                raise DataError(f"dataset folder {dataset!r} mixes file types {sorted(formats)}; use one type")
+            by_split = {}  # split name = file name up to the first "." or "-": train.jsonl, test-00000-of-00001.parquet
+            for p in files:
+                by_split.setdefault(p.name.split(".")[0].split("-")[0], []).append(p)
+            splits = _load_files(formats.pop(), by_split)
+            where = {split: f"split {split!r}, file {ps[0]}" if len(ps) == 1 else
+                     f"split {split!r}, files {[p.name for p in ps]} of {path} (rows numbered on across them)"
+                     for split, ps in by_split.items()}
     elif _file_format(path) or dataset.startswith((".", "/", "~")) or dataset.count("/") > 1:  # a path, not "org/name"
         raise _missing_path_error(dataset, path)
     else:

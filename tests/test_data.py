@@ -539,6 +539,26 @@ def test_load_folder_of_split_files_and_save_to_disk(tmp_path):
     assert (len(train), len(eval_)) == (36, 4)
 
 
+def test_load_a_folder_in_the_hub_layout(tmp_path):
+    """A dataset repo as downloaded from the Hub (data/train-00000-of-00001.parquet, data/test-...) or with one folder
+    per split is read by datasets' own loader: the same splits, eval = test, extra columns kept."""
+    import pandas as pd
+
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    (hub / "README.md").write_text("# a dataset card\n")
+    pd.DataFrame([{**r, "score_chosen": 8.0} for r in PAIRS[:30]]).to_parquet(hub / "data" / "train-00000-of-00001.parquet")
+    pd.DataFrame(PAIRS[30:]).to_parquet(hub / "data" / "test-00000-of-00001.parquet")
+    train, eval_ = data.load_preference_dataset(str(hub))
+    assert (len(train), len(eval_), train[0]["prompt"], eval_[0]["prompt"]) == (30, 10, "p0", "p30")
+    per_split = tmp_path / "per_split"
+    for split, rows in (("train", PAIRS[:30]), ("validation", PAIRS[30:])):
+        (per_split / split).mkdir(parents=True)
+        write_rows(per_split / split / "part-0.jsonl", rows)
+    train, eval_ = data.load_preference_dataset(str(per_split))
+    assert (len(train), len(eval_)) == (30, 10)
+
+
 def test_load_conversational_jsonl_then_prepare(tmp_path):
     """Messages survive the jsonl -> Arrow round trip and give the same ids as in test_each_format."""
     write_rows(tmp_path / "conv.jsonl", [CONV] * 3)
