@@ -201,10 +201,13 @@ def load_preference_dataset(dataset: str, dataset_split: str = "train", eval_spl
             try:
                 splits = datasets.load_dataset(str(path))
             except Exception as e:
-                message = (str(e).strip().splitlines() or [""])[0]
+                root = e  # datasets wraps the reason ("Couldn't cast" for splits with other columns) in its own error
+                while root.__cause__ or root.__context__:
+                    root = root.__cause__ or root.__context__
+                message = (str(root).strip().splitlines() or [""])[0]
                 raise DataError(f"dataset folder {dataset!r}: datasets could not load the files in its subfolders "
-                                f"({type(e).__name__}: {message}); put the files at the top (train.jsonl, "
-                                "test.jsonl, ...)") from e
+                                f"({type(root).__name__}: {message}); give every split the same columns, or put "
+                                "one file per split at the top (train.jsonl, test.jsonl, ...)") from e
         elif not files:
             raise DataError(f"dataset folder {dataset!r} has no .jsonl/.json/.parquet/.csv files and is not a "
                             f"save_to_disk folder; it contains: {sorted(p.name for p in path.iterdir())}")

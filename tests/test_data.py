@@ -547,8 +547,8 @@ def test_load_a_folder_in_the_hub_layout(tmp_path):
     hub = tmp_path / "hub"
     (hub / "data").mkdir(parents=True)
     (hub / "README.md").write_text("# a dataset card\n")
-    pd.DataFrame([{**r, "score_chosen": 8.0} for r in PAIRS[:30]]).to_parquet(hub / "data" / "train-00000-of-00001.parquet")
-    pd.DataFrame(PAIRS[30:]).to_parquet(hub / "data" / "test-00000-of-00001.parquet")
+    for split, rows in (("train", PAIRS[:30]), ("test", PAIRS[30:])):
+        pd.DataFrame([{**r, "score_chosen": 8.0} for r in rows]).to_parquet(hub / "data" / f"{split}-00000-of-00001.parquet")
     train, eval_ = data.load_preference_dataset(str(hub))
     assert (len(train), len(eval_), train[0]["prompt"], eval_[0]["prompt"]) == (30, 10, "p0", "p30")
     per_split = tmp_path / "per_split"
