@@ -627,6 +627,11 @@ def _all_dropped_error(described, counts, max_length) -> DataError:
 # Collation and display
 
 
+def padded_width(width: int, pad_to_multiple_of: int | None = None) -> int:
+    """The batch length: `width` rounded up to a multiple of pad_to_multiple_of (unchanged when it is None)."""
+    return width if pad_to_multiple_of is None else -(-width // pad_to_multiple_of) * pad_to_multiple_of
+
+
 def collate(examples: list[dict], pad_token_id: int, max_length: int | None = None, truncation_mode: str = "keep_end",
             pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor]:
     """B pairs -> input_ids, attention_mask, completion_mask [2B, T] (long), right-padded.
@@ -639,9 +644,7 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int | None = No
     _check_limits(max_length, None, None, truncation_mode)
     sequences = [truncate_sequence(ex["prompt_ids"], ex[key], max_length, truncation_mode)
                  for key in ("chosen_ids", "rejected_ids") for ex in examples]
-    width = max(len(ids) for ids, _ in sequences)
-    if pad_to_multiple_of is not None:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    width = padded_width(max(len(ids) for ids, _ in sequences), pad_to_multiple_of)
     input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros(len(sequences), width, dtype=torch.long)
     completion_mask = torch.zeros(len(sequences), width, dtype=torch.long)
@@ -680,9 +683,7 @@ def share_prompts(batch: dict[str, torch.Tensor], pad_token_id: int,
     P, C, R = prompt_len[:B], lengths[:B] - prompt_len[:B], lengths[B:] - prompt_len[B:]
     if not torch.equal(P, prompt_len[B:]) or (P == 0).any():
         return None
-    width = int((P + C + R).max())
-    if pad_to_multiple_of is not None:
-        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    width = padded_width(int((P + C + R).max()), pad_to_multiple_of)
     input_ids = torch.full((B, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(B, width, dtype=torch.long)
     part = torch.zeros(B, width, dtype=torch.long)  # 1 prompt, 2 chosen, 3 rejected, 0 padding

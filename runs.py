@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 import checkpoints
+import data
 
 
 class OptionError(ValueError):
@@ -25,7 +26,7 @@ class OptionError(ValueError):
 
 
 class RunError(RuntimeError):
-               """A fault the user can act on: a missing file, a used output folder, a non-finite step (exit code 1)."""
+    """A fault the user can act on: a missing file, a used output folder, a non-finite step (exit code 1)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,10 +82,10 @@ def check_options(cfg, problems: list[str]):
         problems.append("--sync_ref_model needs a separate reference model: use full fine-tuning (--use_peft False)")
     if cfg.reference_free and (cfg.precompute_ref_log_probs or cfg.sync_ref_model or cfg.ref_model):
         problems.append("--reference_free uses no reference model: drop --precompute_ref_log_probs/--sync_ref_model/--ref_model")
-    if cfg.truncation_mode not in ("keep_end", "keep_start"):
-        problems.append(f"--truncation_mode must be keep_end or keep_start, not {cfg.truncation_mode!r}")
-    if cfg.truncation_scope not in ("pair", "row"):
-        problems.append(f"--truncation_scope must be pair or row, not {cfg.truncation_scope!r}")
+    if cfg.truncation_mode not in data.TRUNCATION_MODES:
+        problems.append(f"--truncation_mode must be {' or '.join(data.TRUNCATION_MODES)}, not {cfg.truncation_mode!r}")
+    if cfg.truncation_scope not in data.TRUNCATION_SCOPES:
+        problems.append(f"--truncation_scope must be {' or '.join(data.TRUNCATION_SCOPES)}, not {cfg.truncation_scope!r}")
     if cfg.lr_scheduler_type not in ("linear", "cosine", "constant"):
         problems.append(f"--lr_scheduler_type must be linear, cosine or constant, not {cfg.lr_scheduler_type!r}")
     if cfg.optim not in ("adamw_torch", "rmsprop", "paged_adamw_8bit"):
@@ -278,7 +279,7 @@ def check_positions(option: str, model, examples: list[dict], cfg):
         return
     longest = max(len(e["prompt_ids"]) + max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in examples)
     longest = min(longest, cfg.max_length or longest)  # (truncation_scope row: collate cuts each sequence to it)
-    width = -(-longest // cfg.pad_to_multiple_of) * cfg.pad_to_multiple_of if cfg.pad_to_multiple_of else longest
+    width = data.padded_width(longest, cfg.pad_to_multiple_of)
     if width <= limit:
         return
     table = any(isinstance(m, torch.nn.Embedding) and name.rsplit(".", 1)[-1] in ("wpe", "embed_positions", "position_embeddings")
