@@ -146,6 +146,9 @@ def test_positions_beyond_the_model(tmp_path, capsys):
     dpo.runs.check_positions("--model", gpt2, ex(30), cfg("--max_length", "16"))  # (row scope: collate cuts to 16)
     with pytest.raises(dpo.runs.RunError, match=r"has 24 tokens \(9 padded .* 24\); set a --pad_to_multiple_of that divides 16"):
         dpo.runs.check_positions("--model", gpt2, ex(9), cfg("--pad_to_multiple_of", "24"))
+    lora = dpo.load_model(dpo.parse_args([]), str(tmp_path / "gpt2"), torch.device("cpu"), True)  # PEFT-wrapped names
+    with pytest.raises(dpo.runs.RunError, match="16 positions"):
+        dpo.runs.check_positions("--model", lora, ex(17), cfg())
     llama = dpo.load_model(dpo.parse_args(["--use_peft", "False"]), make_model_dir(tmp_path / "llama", max_position_embeddings=16),
                            torch.device("cpu"), True)
     capsys.readouterr()
