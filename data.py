@@ -39,6 +39,8 @@ from pathlib import Path
 import datasets
 import torch
 
+from harness.errors import DataError, DataNotFoundError
+
 TRUNCATION_MODES = ("keep_end", "keep_start")
 TRUNCATION_SCOPES = ("pair", "row")  # max_length cuts a pair as a pair (one prompt for both), or each sequence alone
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -69,13 +71,6 @@ DROPS = ("identical", "empty_completion", "prompt_too_long", "no_scored_token") 
 # Loading
 
 
-class DataError(ValueError):
-    """A problem in the user's data, in one line: what is wrong, where (file and line, or split, row and field), and
-    what to do. dpo.py prints it as `dpo.py: error: <message>`, so messages end without a period."""
-
-
-class DataNotFoundError(DataError, FileNotFoundError):
-    """A dataset path that does not exist (a DataError for the CLI, a FileNotFoundError for everyone else)."""
 
 
 def _file_format(path: Path) -> str | None:
@@ -657,53 +652,6 @@ def collate(examples: list[dict], pad_token_id: int, max_length: int | None = No
         if all(key in ex for ex in examples):
             batch[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.float32)
     return batch
-
-
-def share_prompts(batch: dict[str, torch.Tensor], pad_token_id: int,
-                  pad_to_multiple_of: int | None = None) -> dict[str, torch.Tensor] | None:
-    """The shared-prompt layout of a collated batch: one row per pair, [prompt; chosen; rejected], so that each
-    prompt goes through the model once instead of twice (Wang et al. 2024, "Accelerating Direct Preference
-    Optimization with Prefix Sharing", arXiv:2410.20305). Returns the `shared_*` tensors to add to the batch, or None
-    when some pair's two rows do not start with the same prompt (truncation_scope "row" can cut them apart).
-
-    For pair i with prompt length P, completions C and R, row i of the layout is
-
-        tokens     x_1 .. x_P   w_1 .. w_C       l_1 .. l_R        pad
-        positions  0 .. P-1     P .. P+C-1       P .. P+R-1        (the rejected completion restarts after x)
-        attends    causal       causal           causal, except w  none
-
-    so every token sees exactly what it sees in its own concatenated row. The hidden state that predicts completion
-    token t+1 of concatenated row r sits at `shared_rows`, `shared_positions`, in the order of
-    completion_mask[:, 1:].nonzero(): the first rejected token is predicted by the last prompt token, like the first
-    chosen one."""
-    B = batch["input_ids"].shape[0] // 2
-    completion = batch["completion_mask"].bool()
-    prompt_len = completion.int().argmax(1)  # the first completion token ends the prompt
-    lengths = batch["attention_mask"].sum(1)
-    P, C, R = prompt_len[:B], lengths[:B] - prompt_len[:B], lengths[B:] - prompt_len[B:]
-    if not torch.equal(P, prompt_len[B:]) or (P == 0).any():
-        return None
-    width = padded_width(int((P + C + R).max()), pad_to_multiple_of)
-    input_ids = torch.full((B, width), pad_token_id, dtype=torch.long)
-    position_ids = torch.zeros(B, width, dtype=torch.long)
-    part = torch.zeros(B, width, dtype=torch.long)  # 1 prompt, 2 chosen, 3 rejected, 0 padding
-    for i in range(B):
-        p, c, r = int(P[i]), int(C[i]), int(R[i])
-        if not torch.equal(batch["input_ids"][i, :p], batch["input_ids"][B + i, :p]):
-            return None
-        input_ids[i, :p + c] = batch["input_ids"][i, :p + c]
-        input_ids[i, p + c:p + c + r] = batch["input_ids"][B + i, p:p + r]
-        position_ids[i, :p + c + r] = torch.cat([torch.arange(p + c), torch.arange(p, p + r)])
-        part[i, :p], part[i, p:p + c], part[i, p + c:p + c + r] = 1, 2, 3
-    index = torch.arange(width)
-    causal = index[None, :] <= index[:, None]  # [query, key]
-    attend = causal & (part[:, None, :] > 0) & ~((part[:, :, None] == 3) & (part[:, None, :] == 2))
-    rows, pos = completion[:, 1:].nonzero(as_tuple=True)  # (concatenated row, position predicting the next token)
-    pair = rows % B
-    rejected_completion = (rows >= B) & (pos >= P[pair])  # a rejected row past its prompt: shifted behind the chosen
-    return {"shared_input_ids": input_ids, "shared_position_ids": position_ids,
-            "shared_attention_mask": attend[:, None],  # [B, 1, query, key], True = attend
-            "shared_rows": pair, "shared_positions": pos + rejected_completion * C[pair]}
 
 
 def show_example(example: dict, tokenizer, max_length: int | None = None, truncation_mode: str = "keep_end",

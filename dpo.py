@@ -20,146 +20,27 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-import checkpoints
 import data
-import families
 import losses
-import runs
-import trackers
-
-HERE = Path(__file__).resolve().parent
-DEMO_MODEL = HERE / "assets" / "tiny-sentiment-lm"  # built by scripts/make_assets.py, see assets/README.md
-DEMO_DATASET = HERE / "assets" / "sentiment-prefs"
-# Settings the shipped demo uses for options left unset (a tiny model needs a far larger step than a 7B one).
-DEMO_DEFAULTS = dict(learning_rate=2e-3, max_length=128, logging_steps=10, eval_steps=50, sample_eval=64, cpu_threads=1)
-
-
-@dataclass
-class Config:
-    # ---- model and data ----
-    model: str = field(default=str(DEMO_MODEL), metadata={"help": "policy: hub name or local folder (default: the shipped tiny demo model)"})
-    dataset: str = field(default=str(DEMO_DATASET), metadata={"help": "preference data: hub name, .jsonl/.json/.parquet/.csv file, or folder"})
-    ref_model: Optional[str] = field(default=None, metadata={"help": "reference model; default: the policy at step 0 (adapters off with LoRA)"})
-    dataset_split: str = field(default="train", metadata={"help": "split to train on"})
-    eval_split: Optional[str] = field(default=None, metadata={"help": "split to evaluate on (default: test/validation if present)"})
-    eval_fraction: float = field(default=0.05, metadata={"help": "held-out fraction of train when there is no eval split (0: no eval)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "run Python code shipped with the model (only for sources you trust)"})
-    # ---- the DPO objective (losses.py) ----
-    beta: float = field(default=0.1, metadata={"help": "KL strength beta: lower lets the policy move further from the reference"})
-    loss_type: list[str] = field(default_factory=lambda: ["sigmoid"], metadata={"help": f"one or several of {', '.join(losses.LOSS_TYPES)}"})
-    loss_weights: Optional[list[float]] = field(default=None, metadata={"help": "weights of the loss types (default: all 1)"})
-    label_smoothing: float = field(default=0.0, metadata={"help": "epsilon: assumed label-flip rate (cDPO on sigmoid; robust, exo_pair, aot)"})
-    f_divergence_type: str = field(default="reverse_kl", metadata={"help": "reverse_kl, forward_kl, js_divergence or alpha_divergence (f-DPO)"})
-    f_alpha_divergence_coef: float = field(default=0.5, metadata={"help": "alpha of alpha_divergence"})
-    discopop_tau: float = field(default=0.05, metadata={"help": "temperature of the discopop mixing gate"})
-    ld_alpha: Optional[float] = field(default=None, metadata={"help": "LD-DPO: weight of completion tokens past the shorter completion (1 = DPO)"})
-    use_weighting: bool = field(default=False, metadata={"help": "WPO: weight each pair by the policy's own probability of it"})
-    rpo_alpha: Optional[float] = field(default=None, metadata={"help": "RPO: add rpo_alpha * NLL of the chosen completion"})
-    reference_free: bool = field(default=False, metadata={"help": "take reference log-probs as 0 (no reference model at all)"})
-    simpo_gamma: float = field(default=0.5, metadata={"help": "target reward margin gamma of simpo"})
-    dpop_lambda: float = field(default=50.0, metadata={"help": "lambda of dpop (DPO-Positive)"})
-    rdpo_alpha: float = field(default=0.01, metadata={"help": "length penalty alpha of rdpo"})
-    router_aux_loss_coef: Optional[float] = field(default=None, metadata={"help": "MoE: weight of the load-balancing loss (default: the model config's; 0: off)"})
-    # ---- tokenization (data.py) ----
-    max_length: Optional[int] = field(default=None, metadata={"help": "max tokens of prompt+completion (default 1024; demo 128)"})
-    max_prompt_length: Optional[int] = field(default=None, metadata={"help": "cut prompts to this many tokens first (optional)"})
-    max_completion_length: Optional[int] = field(default=None, metadata={"help": "cut completions to this many tokens (optional)"})
-    truncation_mode: str = field(default="keep_end", metadata={"help": "keep_end: cut the start of long rows; keep_start: cut the end"})
-    truncation_scope: str = field(default="pair", metadata={"help": "pair: one prompt for both completions; row: each sequence alone (TRL)"})
-    prefix_sharing: bool = field(default=True, metadata={"help": "compute each pair's prompt once: [prompt; chosen; rejected] rows (same numbers)"})
-    pad_to_multiple_of: Optional[int] = field(default=None, metadata={"help": "pad batch length to a multiple of this"})
-    show_examples: int = field(default=1, metadata={"help": "print this many training examples as the model sees them"})
-    # ---- optimisation ----
-    learning_rate: Optional[float] = field(default=None, metadata={"help": "peak lr (default 5e-6 with LoRA, 5e-7 full, demo 2e-3)"})
-    lr_scheduler_type: str = field(default="linear", metadata={"help": "linear, cosine or constant, after warmup"})
-    warmup_ratio: float = field(default=0.0, metadata={"help": "fraction of steps for linear warmup"})
-    warmup_steps: int = field(default=0, metadata={"help": "warmup steps (overrides warmup_ratio when > 0)"})
-    num_train_epochs: float = field(default=1.0, metadata={"help": "passes over the training pairs"})
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides num_train_epochs when > 0"})
-    per_device_train_batch_size: int = field(default=8, metadata={"help": "pairs per micro-batch (2x rows per forward)"})
-    per_device_eval_batch_size: int = field(default=8, metadata={"help": "pairs per evaluation batch"})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: no clipping)"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay (not on biases and norms)"})
-    optim: str = field(default="adamw_torch", metadata={"help": "adamw_torch, rmsprop (the DPO paper's) or paged_adamw_8bit"})
-    seed: int = field(default=42, metadata={"help": "seed of everything: init, data order, sampling"})
-    cpu_threads: Optional[int] = field(default=None, metadata={"help": "torch threads on a CPU (demo: 1, its matrices are too small to share)"})
-    bf16: Optional[bool] = field(default=None, metadata={"help": "bf16 autocast (default: on where the GPU supports it; CPU: slow, for tests)"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward: less memory, ~30%% slower"})
-    # ---- reference model ----
-    precompute_ref_log_probs: bool = field(default=False, metadata={"help": "score the data with the reference once, before training"})
-    sync_ref_model: bool = field(default=False, metadata={"help": "TR-DPO: move the reference towards the policy every ref_model_sync_steps"})
-    ref_model_mixup_alpha: float = field(default=0.6, metadata={"help": "TR-DPO: ref <- (1-alpha) ref + alpha policy"})
-    ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO: steps between reference updates"})
-    disable_dropout: bool = field(default=True, metadata={"help": "set every dropout to 0 (policy and reference see the same net)"})
-    # ---- LoRA / QLoRA ----
-    use_peft: bool = field(default=True, metadata={"help": "train LoRA adapters instead of all weights (--use_peft False: full)"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA scale numerator (scale = alpha / r)"})
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout (kept even with disable_dropout)"})
-    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"], metadata={"help": "module names to adapt"})
-    load_in_4bit: bool = field(default=False, metadata={"help": "QLoRA: frozen base in 4-bit NF4 (needs --use_peft)"})
-    merge_adapter: bool = field(default=False, metadata={"help": "also save the LoRA-merged full model"})
-    # ---- logging, evaluation, checkpoints ----
-    output_dir: Optional[str] = field(default=None, metadata={"help": "where everything is written (default runs/<time>)"})
-    report_to: str = field(default="none", metadata={"help": "also send the metrics to tensorboard, wandb or trackio (trackers.py)"})
-    logging_steps: int = field(default=10, metadata={"help": "steps between metric lines"})
-    eval_steps: Optional[int] = field(default=None, metadata={"help": "steps between evaluations (default: only at the end)"})
-    save_steps: int = field(default=500, metadata={"help": "steps between checkpoints (0: none, but still on Ctrl-C)"})
-    save_total_limit: Optional[int] = field(default=None, metadata={"help": "keep only the newest N checkpoints"})
-    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "checkpoint folder or 'latest' in output_dir"})
-    sample_eval: int = field(default=0, metadata={"help": "at the end, sample N held-out prompts from reference and policy"})
-    overwrite_output_dir: bool = field(default=False, metadata={"help": "replace what an earlier run wrote in output_dir"})
-    export_trl: bool = field(default=False, metadata={"help": "print the equivalent TRL command (multi-GPU) and exit"})
-    num_processes: Optional[int] = field(default=None, metadata={"help": "GPUs the --export_trl command runs on (default 8)"})
-    debug: bool = field(default=False, metadata={"help": "show the Python traceback of an error"})
-
-
-def resolve(cfg: Config, argv: list[str]) -> Config:
-    """Fill the defaults that depend on other options, and reject contradictions before anything is loaded."""
-    given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
-    if cfg.model == str(DEMO_MODEL) and cfg.dataset == str(DEMO_DATASET):
-        for k, v in DEMO_DEFAULTS.items():
-            if k not in given:
-                setattr(cfg, k, v)
-    cfg.max_length = 1024 if cfg.max_length is None else cfg.max_length
-    if cfg.learning_rate is None:  # `is None`, not `or`: --learning_rate 0 means 0 (evaluate the reference, train nothing)
-        cfg.learning_rate = 5e-6 if cfg.use_peft else 5e-7
-    problems = []
-    try:
-        cfg.loss_type = losses.check_loss_config(**dataclasses.asdict(cfg))
-    except ValueError as err:
-        problems.append(str(err))
-    if cfg.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        problems.append("--bf16 True: this GPU has no bf16 support; run in fp32 (leave --bf16 unset)")
-    runs.check_options(cfg, problems)  # every range and contradiction, one OptionError listing them all
-    if cfg.bf16 is None:
-        cfg.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if cfg.output_dir is None:
-        if cfg.resume_from_checkpoint not in (None, "latest"):
-            cfg.output_dir = str(Path(cfg.resume_from_checkpoint).resolve().parent)
-        else:
-            cfg.output_dir = os.path.join("runs", time.strftime("dpo-%Y%m%d-%H%M%S"))
-    return cfg
-
+from harness import checkpoints, checks, models, options, trackers
+from harness.errors import RunError
+from harness.options import DEMO_DATASET, Config
+from speedups import prefix_sharing
 
 # ----------------------------------------------------------------------------------------------------------------
 # Model and reference
 
 
-@runs.quiet_library_notices()
+@models.quiet_library_notices()
 def load_model(cfg: Config, name: str, device: torch.device, trainable: bool):
     """AutoModelForCausalLM, in 4-bit NF4 for QLoRA. The policy and a reference loaded here get the same dtypes
     (full fine-tuning: fp32 masters; LoRA: the frozen base in the compute dtype), so that a reference with the
@@ -182,7 +63,7 @@ def load_model(cfg: Config, name: str, device: torch.device, trainable: bool):
             name, dtype=dtype, quantization_config=quantization, trust_remote_code=cfg.trust_remote_code,
             device_map={"": device} if quantization else None)
     except (OSError, ValueError) as err:  # no weights, unreadable weights, an architecture transformers lacks
-        raise runs.RunError(f"could not load the model {name} ({str(err).splitlines()[0]}); check that the folder "
+        raise RunError(f"could not load the model {name} ({str(err).splitlines()[0]}); check that the folder "
                             "holds a causal language model saved with save_pretrained") from err
     if not quantization:
         model.to(device)
@@ -203,7 +84,7 @@ def load_model(cfg: Config, name: str, device: torch.device, trainable: bool):
             if hasattr(module, "support_avx512bf16_for_cpu"):  # a kernel with no backward: later gradients would be wrong
                 module.support_avx512bf16_for_cpu = False
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-        families.check_head(model)  # refuse now a model whose log-probs this file would get wrong
+        models.check_head(model)  # refuse now a model whose log-probs this file would get wrong
     if not trainable:
         return model.eval().requires_grad_(False)
     if cfg.gradient_checkpointing and not cfg.load_in_4bit:  # (4-bit: enabled by the k-bit preparation above)
@@ -246,7 +127,7 @@ def completion_logps_naive(model, batch):
 
 def _score_tokens(hidden, model, labels, with_wpo):
     """log p(label) = z_label - logsumexp(z), in fp32, for a chunk of hidden states [N, H]."""
-    logits = families.logits_from_hidden(model, hidden)  # the LM head (and a family's own scale: families.py)
+    logits = models.logits_from_hidden(model, hidden)  # the LM head (and a family's own scale: models.py)
     log_z = logits.logsumexp(-1)
     token_logps = logits.gather(-1, labels[:, None]).squeeze(-1) - log_z
     logits_mean = logits.detach().mean(-1)  # for the logits/chosen|rejected metrics
@@ -267,10 +148,8 @@ def completion_logps(model, batch, with_wpo=False, with_aux=False, chunk_tokens=
     where = mask.nonzero(as_tuple=True)  # (row, position) of every scored token
     labels, decoder = batch["input_ids"][:, 1:][where], model.get_decoder()
     router = {"output_router_logits": True} if with_aux else {}  # MoE: the decoder returns its routers' logits too
-    if "shared_input_ids" in batch:  # [prompt; chosen; rejected] rows, rejected positions restarting after the prompt
-        out = decoder(input_ids=batch["shared_input_ids"], position_ids=batch["shared_position_ids"],
-                      attention_mask=attention_mask_4d(model, batch["shared_attention_mask"]), use_cache=False)
-        hidden = out[0][batch["shared_rows"], batch["shared_positions"]]
+    if "shared_input_ids" in batch:  # same numbers, less work: each prompt once (speedups/prefix_sharing.py)
+        hidden, out = prefix_sharing.hidden_states(decoder, model, batch), None
     else:  # the concatenated rows [prompt+chosen; prompt+rejected]
         out = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **router)
         hidden = out[0][:, :-1][where]
@@ -287,44 +166,8 @@ def completion_logps(model, batch, with_wpo=False, with_aux=False, chunk_tokens=
     if with_wpo:
         stats["log_sum_sq"] = torch.zeros(mask.shape, device=mask.device).index_put(where, log_sum_sq)
     if with_aux:
-        stats["aux_loss"] = families.router_aux_loss(model, out.router_logits, batch["attention_mask"])
+        stats["aux_loss"] = models.router_aux_loss(model, out.router_logits, batch["attention_mask"])
     return per_token, stats
-
-
-@torch.no_grad()
-def prefix_sharing_problem(cfg, model, batch) -> str | None:
-    """Why `model` cannot score the shared-prompt rows exactly (None: it can). Checked once, on a real batch, against
-    the concatenated rows, so that a family with its own position or mask scheme is caught, not trained wrongly."""
-    c, attention = model.config.get_text_config(), model.config._attn_implementation
-    window = getattr(c, "sliding_window", None) if getattr(c, "use_sliding_window", True) else None
-    if attention not in ("sdpa", "eager"):
-        return f"its attention ({attention}) takes no custom mask"
-    if families.aux_loss_coef(cfg, model):
-        return "the MoE balancing loss is defined over the concatenated rows"
-    if window and window < 2 * cfg.max_length:  # a custom mask replaces the sliding window, harmless only if longer
-        return f"its sliding window ({window}) is shorter than a shared row can be ({2 * cfg.max_length})"
-    if "shared_input_ids" not in batch:
-        return None  # (this batch's pairs have two prompts each: it is scored the concatenated way anyway)
-    was_training = model.training
-    model.eval()
-    try:
-        shared = completion_logps(model, batch)[0]
-        rows = completion_logps(model, {k: v for k, v in batch.items() if not k.startswith("shared_")})[0]
-    except Exception as err:  # noqa: BLE001 - any failure means: use the concatenated rows
-        return f"it fails on them ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
-    finally:
-        model.train(was_training)
-    if not torch.allclose(shared, rows, rtol=0.02 if cfg.bf16 else 1e-5, atol=1e-2 if cfg.bf16 else 1e-5):
-        return f"its log-probs on them differ from the concatenated rows by {float((shared - rows).abs().max()):.3g}"
-    return None
-
-
-def attention_mask_4d(model, attend):
-    """A custom [B, 1, query, key] mask in the form the model's attention takes it: booleans for SDPA, additive
-    0 / -inf-like floats for eager attention (FlashAttention takes none: such models use the concatenated rows)."""
-    if model.config._attn_implementation == "sdpa":
-        return attend
-    return torch.zeros(attend.shape, device=attend.device).masked_fill(~attend, torch.finfo(torch.float32).min)
 
 
 def sequence_logps(per_token, completion_mask, ld_alpha=None):
@@ -351,7 +194,7 @@ def dpo_step(cfg: Config, model, ref_model, batch):
     else:  # the reference first: its activations are freed before the policy's are kept for backward (lower peak)
         with reference(model, ref_model) as ref:
             ref_logps = sequence_logps(completion_logps(ref, batch)[0], batch["completion_mask"], cfg.ld_alpha)
-    coef = families.aux_loss_coef(cfg, model)
+    coef = models.aux_loss_coef(cfg, model)
     per_token, stats = completion_logps(model, batch, with_wpo=cfg.use_weighting, with_aux=coef != 0)
     logps = sequence_logps(per_token, batch["completion_mask"], cfg.ld_alpha)
     lengths = batch["completion_mask"].sum(1).clamp(min=1)  # TRL's |y| for the length-normalised losses
@@ -417,7 +260,7 @@ def precompute_reference(cfg, model, ref_model, examples, pad_id, autocast, name
 
 def collate_batch(cfg, examples, pad_id):
     batch = data.collate(examples, pad_id, cfg.max_length, cfg.truncation_mode, cfg.pad_to_multiple_of)
-    shared = data.share_prompts(batch, pad_id, cfg.pad_to_multiple_of) if cfg.prefix_sharing else None  # None: a pair with two prompts
+    shared = prefix_sharing.share_prompts(batch, pad_id, cfg.pad_to_multiple_of) if cfg.prefix_sharing else None
     return {**batch, **(shared or {})}
 
 
@@ -462,10 +305,10 @@ def main(cfg: Config):
         torch.set_num_threads(cfg.cpu_threads)
     out = Path(cfg.output_dir)
     print(json.dumps(dataclasses.asdict(cfg), indent=1))
-    checkpoint = runs.preflight(cfg)  # model paths, the output folder, what a resumed run may change: before anything heavy
+    checkpoint = checks.preflight(cfg)  # model paths, the output folder, what a resumed run may change: before anything heavy
 
     # ---- data: rows -> token ids (data.py); the same truncation for training, evaluation and precompute ----
-    tokenizer = runs.load_tokenizer(cfg)  # (with --ref_model: checked to share its vocabulary)
+    tokenizer = checks.load_tokenizer(cfg)  # (with --ref_model: checked to share its vocabulary)
     pad_id = data.pad_token_id(tokenizer)
     train_rows, eval_rows = data.load_preference_dataset(cfg.dataset, cfg.dataset_split, cfg.eval_split, cfg.eval_fraction, cfg.seed)
     limits = dict(max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
@@ -473,36 +316,36 @@ def main(cfg: Config):
                   truncation_scope=cfg.truncation_scope)
     train_set = data.prepare_dataset(train_rows, tokenizer, name="train", **limits)
     eval_set = data.prepare_dataset(eval_rows, tokenizer, name="eval", **limits) if eval_rows is not None else []
-    runs.use_reference_columns(cfg, train_set, eval_set)
+    checks.use_reference_columns(cfg, train_set, eval_set)
     for ex in train_set[:cfg.show_examples]:
         print(data.show_example(ex, tokenizer, cfg.max_length, cfg.truncation_mode))
 
     # ---- models: the policy, and the reference in one of four ways ----
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
     model = load_model(cfg, cfg.model, device, trainable=True)
-    runs.check_positions("--model", model, train_set + eval_set, cfg)  # the longest sequence fits its position table
+    checks.check_positions("--model", model, train_set + eval_set, cfg)  # the longest sequence fits its position table
     ref_model = None  # LoRA: the policy with adapters off
     if cfg.ref_model or (not cfg.use_peft and not cfg.reference_free):
         if cfg.ref_model:
             ref_model = load_model(cfg, cfg.ref_model, device, trainable=False)
-            runs.check_positions("--ref_model", ref_model, train_set + eval_set, cfg)
+            checks.check_positions("--ref_model", ref_model, train_set + eval_set, cfg)
         else:  # a frozen copy of the policy at step 0, in the policy's own dtype (see load_model)
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
     if cfg.prefix_sharing:  # on where exact: checked on a real batch, else one line and the concatenated rows
         probe = to_device(collate_batch(cfg, train_set[:cfg.per_device_train_batch_size], pad_id), device)
         with autocast():
-            problem = next(filter(None, (prefix_sharing_problem(cfg, m, probe) for m in (model, ref_model) if m)), None)
+            problem = next(filter(None, (prefix_sharing.problem(cfg, m, probe, completion_logps) for m in (model, ref_model) if m)), None)
         if problem:
             print(f"prefix sharing off: {problem}; each pair is scored as two concatenated rows")
             cfg.prefix_sharing = False
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    print(f"trainable parameters: {n_train:,} of {runs.count_parameters(model):,}")
-    runs.write_config(cfg, out, resumed=checkpoint is not None)  # only now that the options, data and models are good
+    print(f"trainable parameters: {n_train:,} of {checks.count_parameters(model):,}")
+    checks.write_config(cfg, out, resumed=checkpoint is not None)  # only now that the options, data and models are good
 
     if cfg.precompute_ref_log_probs and "ref_chosen_logps" not in train_set[0]:  # (else: given in the data)
         # The cache is keyed on what the numbers depend on: the reference's weights themselves (not their path, which
         # iterative DPO overwrites with new weights), the dtype, the tokens and their truncation.
-        key = hashlib.sha256(json.dumps([runs.weights_fingerprint(ref_model or model), cfg.ld_alpha, cfg.bf16, limits,
+        key = hashlib.sha256(json.dumps([checks.weights_fingerprint(ref_model or model), cfg.ld_alpha, cfg.bf16, limits,
                                          [[e["prompt_ids"], e["chosen_ids"], e["rejected_ids"]] for e in train_set + eval_set]]).encode()).hexdigest()[:16]
         cache = out / f"ref_logps-{key}.safetensors"
         if cache.exists():
@@ -529,7 +372,7 @@ def main(cfg: Config):
         state = checkpoints.load_checkpoint(checkpoint, model, ref_model, optimizer, scheduler)
         step, window_tokens, window_seconds = state["global_step"], state.get("window_tokens", 0), state.get("window_seconds", 0.0)
         window = {k: [torch.tensor(x, device=device) for x in v] for k, v in state.get("window", {}).items()}
-        runs.set_peak_learning_rate(scheduler, cfg.learning_rate)  # a --learning_rate changed on resume is applied
+        checks.set_peak_learning_rate(scheduler, cfg.learning_rate)  # a --learning_rate changed on resume is applied
         print(f"resumed from {checkpoint} at step {step}")
     metrics_file = out / "metrics.jsonl"
     kept = [r for r in checkpoints.read_metrics(metrics_file) if r["step"] <= step]  # (a half-written last line dropped)
@@ -613,11 +456,11 @@ def main(cfg: Config):
             log(final_eval)
             tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in final_eval.items()))
     except FloatingPointError as err:
-        raise runs.RunError(f"{err}; training stopped, and the last good checkpoint is "
+        raise RunError(f"{err}; training stopped, and the last good checkpoint is "
                             f"{last_checkpoint or checkpoints.last_intact(out) or 'none (no checkpoint was saved yet)'}; "
                             "resume from it with a lower --learning_rate, or check the data") from None
     except torch.cuda.OutOfMemoryError:
-        raise runs.RunError("out of GPU memory; reduce it with --per_device_train_batch_size 1 and "
+        raise RunError("out of GPU memory; reduce it with --per_device_train_batch_size 1 and "
                             "--gradient_accumulation_steps N, --gradient_checkpointing, --max_length, --load_in_4bit, "
                             "--precompute_ref_log_probs (no reference forward), or --optim paged_adamw_8bit") from None
     finally:
@@ -633,14 +476,14 @@ def main(cfg: Config):
 
     # ---- the end (the final evaluation is the loop's last act): the model, curves, samples ----
     checkpoints.save_model(cfg, model, tokenizer, out)
-    runs.plot_curves(metrics_file, out / "curves.png")
+    checks.plot_curves(metrics_file, out / "curves.png")
     if cfg.sample_eval and eval_set:
-        from sample_eval import sample_eval
+        from demo.sample_eval import sample_eval
 
         prompts = [ex["prompt_ids"] for ex in eval_set[:cfg.sample_eval]]  # the token ids trained on, chat template and all
         reward_fn = None
         if Path(cfg.dataset).resolve() == DEMO_DATASET:  # the shipped task has a programmatic ground truth
-            from sentiment import sentiment_score as reward_fn
+            from demo.sentiment import sentiment_score as reward_fn
         if ref_model is None and (cfg.ref_model or not cfg.use_peft):  # freed after precompute: reload the one the run used
             ref_model = load_model(cfg, cfg.ref_model or cfg.model, device, trainable=False)
         result = sample_eval(model, tokenizer, prompts, reference=ref_model, reward_fn=reward_fn, seed=cfg.seed)
@@ -648,33 +491,5 @@ def main(cfg: Config):
     return final_eval
 
 
-def parse_args(argv):
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(Config)
-    cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if unknown:  # argparse's own message and exit code 2, with the usage line
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    return resolve(cfg, argv)
-
-
-def cli(argv):
-    """`python dpo.py ...`: a user error is one line on stderr (the traceback with --debug); a bug keeps its traceback."""
-    config = None
-    try:
-        config = parse_args(argv)
-        if config.export_trl:
-            from export_trl import export_trl_command
-
-            print(export_trl_command(config, argv, config.num_processes or 8))
-        else:
-            main(config)
-    except (runs.OptionError, runs.RunError, data.DataError, checkpoints.CheckpointError) as err:
-        if config.debug if config is not None else "--debug" in argv:
-            raise
-        print(f"dpo.py: error: {err}", file=sys.stderr)
-        sys.exit(2 if isinstance(err, runs.OptionError) else 1)
-
-
 if __name__ == "__main__":
-    cli(sys.argv[1:])
+    options.cli(sys.argv[1:], main)

@@ -70,9 +70,11 @@ sys.path.insert(0, os.getcwd())
 
 import data
 import dpo
+from speedups import prefix_sharing
+from harness import options
 import losses
-from sample_eval import sample_eval
-from sentiment import sentiment_score
+from demo.sample_eval import sample_eval
+from demo.sentiment import sentiment_score
 
 start_time = time.time()
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the rule dpo.main uses
@@ -457,9 +459,9 @@ assert math.isclose(loss_and_weight("sigmoid", 0.0)[1], B1 / 2)  # β σ(0) = β
 # %% [markdown]
 # ## 4. Data: from a row to a batch
 #
-# The shipped preference set (`assets/sentiment-prefs`) is a miniature of the paper's controlled-sentiment task
+# The shipped preference set (`demo/assets/sentiment-prefs`) is a miniature of the paper's controlled-sentiment task
 # (Section 6.1): the prompt is the start of a movie review, both completions were sampled from the shipped SFT model
-# (`assets/tiny-sentiment-lm`, which is therefore the right $\pi_{\rm ref}$, §1), and the more positive one (by
+# (`demo/assets/tiny-sentiment-lm`, which is therefore the right $\pi_{\rm ref}$, §1), and the more positive one (by
 # `sentiment.sentiment_score`) is *chosen*.
 #
 # `data.prepare_dataset` turns each row into three lists of token ids. A standard (string) completion gets the EOS
@@ -473,7 +475,7 @@ assert math.isclose(loss_and_weight("sigmoid", 0.0)[1], B1 / 2)  # β σ(0) = β
 # %%
 from transformers import AutoTokenizer
 
-cfg = dpo.parse_args(["--output_dir", str(WORK / "unused"), "--bf16", "False"])  # fp32 on every device: exact checks
+cfg = options.parse_args(["--output_dir", str(WORK / "unused"), "--bf16", "False"])  # fp32 on every device: exact checks
 print(f"beta {cfg.beta}, loss {cfg.loss_type}, max_length {cfg.max_length}, {cfg.truncation_mode}, truncation_scope "
       f"{cfg.truncation_scope}, LoRA {cfg.use_peft} (rank k = {cfg.lora_r}), learning rate {cfg.learning_rate}, "
       f"batch {cfg.per_device_train_batch_size} pairs, bf16 {cfg.bf16}")
@@ -625,7 +627,7 @@ print("sequence log-probs, rejected rows:", logps[B:].cpu())
 
 # %% [markdown]
 # **One prompt per pair.** Rows $i$ and $B+i$ start with the same prompt: the concatenated batch computes every
-# prompt twice. `data.share_prompts` packs each pair as one row $[x; y_w; y_l]$: the positions of $y_l$ restart
+# prompt twice. `prefix_sharing.share_prompts` packs each pair as one row $[x; y_w; y_l]$: the positions of $y_l$ restart
 # right after $x$, and a 4D attention mask keeps $y_l$'s tokens from seeing $y_w$'s, so every token sees exactly the
 # tokens and positions it sees in its own concatenated row. The log-probabilities are the same; the prompt is
 # computed once (Wang et al. 2024, "Accelerating Direct Preference Optimization with Prefix Sharing",
@@ -634,7 +636,7 @@ print("sequence log-probs, rejected rows:", logps[B:].cpu())
 # gives the same numbers both ways.
 
 # %%
-shared = dpo.to_device(data.share_prompts({key: v.cpu() for key, v in batch.items()}, pad_id), device)
+shared = dpo.to_device(prefix_sharing.share_prompts({key: v.cpu() for key, v in batch.items()}, pad_id), device)
 with torch.no_grad():
     shared_per_token, _ = dpo.completion_logps(model, {**batch, **shared})
 assert torch.allclose(shared_per_token, chunked, atol=1e-5)
@@ -742,7 +744,7 @@ _, hand_losses = train_dpo(cfg.beta, CHECK_STEPS)
 
 def run_main(name, *args):
     """dpo.main on the shipped demo in WORK/name; its printed config and log go to a string, returned."""
-    run_cfg = dpo.parse_args(["--output_dir", str(WORK / name), "--bf16", "False", "--show_examples", "0",
+    run_cfg = options.parse_args(["--output_dir", str(WORK / name), "--bf16", "False", "--show_examples", "0",
                                "--sample_eval", "0", *args])
     with contextlib.redirect_stdout(io.StringIO()) as log:
         dpo.main(run_cfg)
@@ -965,7 +967,7 @@ def count(model):
 print(f"{'mode':<8} {'parameters':>11} {'trainable':>10} {'share':>7} {'weights in memory':>18}")
 models = {}
 for mode, args in (("full", ["--use_peft", "False"]), ("LoRA", []), ("QLoRA", ["--load_in_4bit"])):
-    mode_cfg = dpo.parse_args(["--output_dir", str(WORK / "unused")] + args)
+    mode_cfg = options.parse_args(["--output_dir", str(WORK / "unused")] + args)
     models[mode] = dpo.load_model(mode_cfg, mode_cfg.model, device, trainable=True)
     total, trainable = count(models[mode])
     megabytes = models[mode].get_memory_footprint() / 1e6

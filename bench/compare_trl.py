@@ -8,7 +8,7 @@ This project's DPO loop against TRL 1.16's DPOTrainer: the same model, data and 
 A development tool (it imports trl; the project never does). Everything is built offline in a temporary folder:
 a byte-level BPE tokenizer trained on the preference text, a random Qwen2 model (default 5.2M parameters) and a
 preference set of real text, the Anthropic HH harmless test file (../shared/data) when present, else the shipped
-assets/sentiment-prefs, else synthetic word pairs. Each run is its own subprocess, so its peak memory is its own:
+demo/assets/sentiment-prefs, else synthetic word pairs. Each run is its own subprocess, so its peak memory is its own:
 ru_maxrss (RSS) on CPU, torch.cuda.max_memory_allocated on GPU, both read when the last step is done.
 
 Identical settings for both: fp32 (or bf16 autocast on both with --bf16), batch size, max_length, truncation_mode
@@ -37,7 +37,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared/data/hh_harmless_test.jsonl.gz"
-ASSETS = ROOT / "assets" / "sentiment-prefs"
+ASSETS = ROOT / "demo" / "assets" / "sentiment-prefs"
 # Sizes of the random model: "tiny" is the CPU fixture; "qwen2.5-0.5b" is the real architecture of the GPU check.
 ARCHS = {
     "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
@@ -74,7 +74,7 @@ def preference_rows(data_choice="auto", max_length=256, n_max=4000):
     else:
         rows = synthetic_rows(min(n_max, 1000), max_length)
         source = "synthetic random-word pairs" + ("" if data_choice == "synthetic" else
-                                                 " (neither the HH file nor assets/sentiment-prefs was found)")
+                                                 " (neither the HH file nor demo/assets/sentiment-prefs was found)")
     explicit = []
     for row in rows:
         if not isinstance(row["chosen"], str):
@@ -239,7 +239,7 @@ def run_ours(spec):
         result["peak_memory_mib"], result["peak_reserved_mib"] = peak_memory_mib(spec["device"]), peak_reserved_mib(spec["device"])
 
     dpo.collate_batch, dpo.make_optimizer, dpo.precompute_reference = counting_collate, clocked_make_optimizer, clocked_precompute
-    dpo.checkpoints.save_model, dpo.runs.plot_curves = done, lambda *a: None
+    dpo.checkpoints.save_model, dpo.checks.plot_curves = done, lambda *a: None
     out = Path(spec["out"])
     argv = ["--model", spec["model"], "--dataset", spec["data_ours"], "--output_dir", str(out),
             "--max_steps", str(spec["steps"]), "--per_device_train_batch_size", str(spec["batch_size"]),
@@ -447,7 +447,7 @@ def main():
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for both (GPU); default fp32")
     p.add_argument("--arch", default="tiny", choices=sorted(ARCHS), help="size of the random Qwen2")
     p.add_argument("--data", default="auto", choices=["auto", "synthetic"],
-                   help="auto: HH, else assets/sentiment-prefs, else synthetic; synthetic: random-word pairs of "
+                   help="auto: HH, else demo/assets/sentiment-prefs, else synthetic; synthetic: random-word pairs of "
                         "0.5-1x max_length tokens (for throughput on long rows)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads per run (default 1 on CPU: on a machine shared with other jobs, torch's threads "

@@ -1,6 +1,6 @@
-"""Rebuild everything in assets/ from nothing, on a CPU: the tiny SFT model and the sentiment preference data.
+"""Rebuild everything in demo/assets/ from nothing, on a CPU: the tiny SFT model and the sentiment preference data.
 
-    python scripts/make_assets.py              # about 7 minutes on one CPU core (run_seconds in assets/MANIFEST.json)
+    python scripts/make_assets.py              # about 7 minutes on one CPU core (run_seconds in demo/assets/MANIFEST.json)
     python scripts/make_assets.py /tmp/assets  # the same into another folder, e.g. to compare with the committed one
 
 A miniature of the controlled-sentiment experiment of "Direct Preference Optimization: Your Language Model is
@@ -40,8 +40,8 @@ from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTra
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from sample_eval import generate  # noqa: E402  (the same sampler the evaluation uses)
-from sentiment import NEGATIVE_WORDS, POSITIVE_WORDS, sentiment_score  # noqa: E402
+from demo.sample_eval import generate  # noqa: E402  (the same sampler the evaluation uses)
+from demo.sentiment import NEGATIVE_WORDS, POSITIVE_WORDS, sentiment_score  # noqa: E402
 
 
 SETTINGS = dict(
@@ -366,7 +366,7 @@ def main(out):
                                                   seed=s["seed"] + i)
         pairs, gaps = make_pairs(split_prompts, continuations)
         write_jsonl(out / "sentiment-prefs" / f"{split}.jsonl", pairs)
-        # What the SFT model wrote: its tone balance and fluency (the claims assets/README.md makes).
+        # What the SFT model wrote: its tone balance and fluency (the claims demo/assets/README.md makes).
         reviews = [p + c for p, cs in zip(split_prompts, continuations) for c in cs]
         scores = [sentiment_score(r) for r in reviews]
         sentences = [x + " ." for r in reviews for x in r.split(" .") if x.strip()]
@@ -397,4 +397,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "assets")  # another folder: rebuild without overwriting
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "demo" / "assets")  # another folder: rebuild without overwriting

@@ -1,4 +1,4 @@
-"""The shipped assets (assets/), the ground-truth reward (sentiment.py) and the sampling evaluation (sample_eval.py)."""
+"""The shipped assets (demo/assets/), the ground-truth reward (sentiment.py) and the sampling evaluation (sample_eval.py)."""
 
 import copy
 import importlib.util
@@ -15,11 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from sample_eval import generate, sample_eval, sequence_logps  # noqa: E402
-from sentiment import sentiment_score  # noqa: E402
+from demo.sample_eval import generate, sample_eval, sequence_logps  # noqa: E402
+from demo.sentiment import sentiment_score  # noqa: E402
 
-MODEL_DIR = ROOT / "assets" / "tiny-sentiment-lm"
-DATA_DIR = ROOT / "assets" / "sentiment-prefs"
+MODEL_DIR = ROOT / "demo" / "assets" / "tiny-sentiment-lm"
+DATA_DIR = ROOT / "demo" / "assets" / "sentiment-prefs"
 
 
 def load_make_assets():
@@ -139,8 +139,8 @@ print(json.dumps({{"arch": type(model).__name__, "logits": list(model(ids).logit
 
 
 def test_assets_fit_the_size_budget():
-    """The issue's budget: all of assets/ in at most 10 MB (the float32 model is about 4.3 MB of it)."""
-    total = sum(p.stat().st_size for p in (ROOT / "assets").rglob("*") if p.is_file())
+    """The issue's budget: all of demo/assets/ in at most 10 MB (the float32 model is about 4.3 MB of it)."""
+    total = sum(p.stat().st_size for p in (ROOT / "demo" / "assets").rglob("*") if p.is_file())
     assert total <= 10 * 1024 * 1024
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
-import checkpoints
+from harness import checkpoints
 import dpo
-from checkpoints import CheckpointError
+from harness.errors import CheckpointError
 from tiny import make_model_dir, make_preference_dir, make_tokenizer, run_config
 
 

@@ -15,7 +15,10 @@ import pytest
 import torch
 
 import dpo
-import families
+from harness import options
+from harness.errors import OptionError, RunError
+from harness import checks
+from harness import models
 from tiny import make_gpt2_dir, make_model_dir, make_preference_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,7 +48,7 @@ def make_cases(base: Path) -> dict:
     out = lambda name: ["--output_dir", str(base / "out" / name)]  # noqa: E731
     trained = common[:-4] + ["--max_steps", "2", "--save_steps", "1", "--use_peft", "False", "--show_examples", "0"]
     if not (base / "trained").exists():  # a finished run with checkpoint-1 and checkpoint-2, and a copy to break
-        dpo.main(dpo.parse_args(trained + ["--output_dir", str(base / "trained")]))
+        dpo.main(options.parse_args(trained + ["--output_dir", str(base / "trained")]))
         shutil.copytree(base / "trained", base / "broken")
         optimizer = base / "broken" / "checkpoint-2" / "optimizer.pt"
         optimizer.write_bytes(optimizer.read_bytes()[:100])  # a partly written file
@@ -130,36 +133,36 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_options_are_checked_before_the_tokenizer_loads(monkeypatch):
     """An option error is raised by parse_args, before main() loads anything."""
-    with pytest.raises(dpo.runs.OptionError, match="--beta must be > 0.*--lora_r must be >= 1"):
-        dpo.parse_args(["--beta", "0", "--lora_r", "0"])
+    with pytest.raises(OptionError, match="--beta must be > 0.*--lora_r must be >= 1"):
+        options.parse_args(["--beta", "0", "--lora_r", "0"])
 
 
 def test_positions_beyond_the_model(tmp_path, capsys):
     """A learned position table (GPT-2) refuses a longer sequence, padding included; a rotary model (Llama) runs it
     with one printed line; within the table nothing is said."""
-    gpt2 = dpo.load_model(dpo.parse_args(["--use_peft", "False"]), make_gpt2_dir(tmp_path / "gpt2"), torch.device("cpu"), True)
+    gpt2 = dpo.load_model(options.parse_args(["--use_peft", "False"]), make_gpt2_dir(tmp_path / "gpt2"), torch.device("cpu"), True)
     ex = lambda n: [{"prompt_ids": [5] * (n - 2), "chosen_ids": [6, 7], "rejected_ids": [8]}]  # noqa: E731  (n tokens)
-    cfg = lambda *a: dpo.parse_args(["--max_length", "64", *a])  # noqa: E731
-    dpo.runs.check_positions("--model", gpt2, ex(16), cfg())
-    with pytest.raises(dpo.runs.RunError, match="16 positions, but the longest sequence .* has 17 tokens; set --max_length 16"):
-        dpo.runs.check_positions("--model", gpt2, ex(17), cfg())
-    dpo.runs.check_positions("--model", gpt2, ex(30), cfg("--max_length", "16"))  # (row scope: collate cuts to 16)
-    with pytest.raises(dpo.runs.RunError, match=r"has 24 tokens \(9 padded .* 24\); set a --pad_to_multiple_of that divides 16"):
-        dpo.runs.check_positions("--model", gpt2, ex(9), cfg("--pad_to_multiple_of", "24"))
-    lora = dpo.load_model(dpo.parse_args([]), str(tmp_path / "gpt2"), torch.device("cpu"), True)  # PEFT-wrapped names
-    with pytest.raises(dpo.runs.RunError, match="16 positions"):
-        dpo.runs.check_positions("--model", lora, ex(17), cfg())
-    llama = dpo.load_model(dpo.parse_args(["--use_peft", "False"]), make_model_dir(tmp_path / "llama", max_position_embeddings=16),
+    cfg = lambda *a: options.parse_args(["--max_length", "64", *a])  # noqa: E731
+    checks.check_positions("--model", gpt2, ex(16), cfg())
+    with pytest.raises(RunError, match="16 positions, but the longest sequence .* has 17 tokens; set --max_length 16"):
+        checks.check_positions("--model", gpt2, ex(17), cfg())
+    checks.check_positions("--model", gpt2, ex(30), cfg("--max_length", "16"))  # (row scope: collate cuts to 16)
+    with pytest.raises(RunError, match=r"has 24 tokens \(9 padded .* 24\); set a --pad_to_multiple_of that divides 16"):
+        checks.check_positions("--model", gpt2, ex(9), cfg("--pad_to_multiple_of", "24"))
+    lora = dpo.load_model(options.parse_args([]), str(tmp_path / "gpt2"), torch.device("cpu"), True)  # PEFT-wrapped names
+    with pytest.raises(RunError, match="16 positions"):
+        checks.check_positions("--model", lora, ex(17), cfg())
+    llama = dpo.load_model(options.parse_args(["--use_peft", "False"]), make_model_dir(tmp_path / "llama", max_position_embeddings=16),
                            torch.device("cpu"), True)
     capsys.readouterr()
-    dpo.runs.check_positions("--model", llama, ex(20), cfg())
+    checks.check_positions("--model", llama, ex(20), cfg())
     assert "note: the longest sequence has 20 tokens, more than --model's max_position_embeddings (16)" in capsys.readouterr().out
 
 
 def test_the_head_check_passes_an_attention_mask(tmp_path, monkeypatch):
     """check_head's 8 ids include the pad id of most tokenizers; without a mask transformers warns about padding."""
-    model = dpo.load_model(dpo.parse_args(["--use_peft", "False"]), make_gpt2_dir(tmp_path / "gpt2"), torch.device("cpu"), True)
+    model = dpo.load_model(options.parse_args(["--use_peft", "False"]), make_gpt2_dir(tmp_path / "gpt2"), torch.device("cpu"), True)
     masks = []
     monkeypatch.setattr(type(model.transformer), "warn_if_padding_and_no_attention_mask", lambda self, ids, mask: masks.append(mask))
-    families.check_head(model)
+    models.check_head(model)
     assert len(masks) == 2 and all(m is not None for m in masks)

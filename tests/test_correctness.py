@@ -13,6 +13,8 @@ from safetensors.torch import load_file
 
 import data
 import dpo
+from harness.errors import OptionError, RunError
+from harness import checks
 from tiny import make_model_dir, make_preference_dir, make_tokenizer, read_records as records, run_config as config, WORDS
 
 LN2 = math.log(2)
@@ -150,7 +152,7 @@ def test_reference_columns_are_used_with_precompute(tiny, tmp_path):
 @pytest.mark.parametrize("bad", [float("nan"), None])
 def test_reference_columns_missing_or_non_finite_are_an_error(tiny, tmp_path, bad):
     given = dataset_with_reference_columns(tmp_path, lambda i: bad if i == 5 else -30.0, lambda i: -20.0)
-    with pytest.raises(dpo.runs.RunError, match="missing or non-finite ref_chosen_logps"):
+    with pytest.raises(RunError, match="missing or non-finite ref_chosen_logps"):
         dpo.main(config(tiny, tmp_path / "out", "--dataset", given, "--max_steps", "1", "--precompute_ref_log_probs"))
 
 
@@ -177,7 +179,7 @@ def test_precompute_cache_follows_the_weights_not_the_path(tiny, tmp_path):
 def test_ref_model_with_another_vocabulary_is_refused_before_loading(tiny, tmp_path, monkeypatch, other):
     ref = make_model_dir(tmp_path / "ref", **other)
     monkeypatch.setattr(dpo, "load_model", lambda *a, **k: pytest.fail("a model was loaded before the check"))
-    with pytest.raises(dpo.runs.RunError, match="vocabulary"):
+    with pytest.raises(RunError, match="vocabulary"):
         dpo.main(config(tiny, tmp_path / "out", "--ref_model", ref, "--max_steps", "1"))
 
 
@@ -186,7 +188,7 @@ def test_ref_model_with_another_vocabulary_is_refused_before_loading(tiny, tmp_p
 def test_sample_eval_gets_the_trained_prompt_ids_and_the_runs_reference(tiny, tmp_path, monkeypatch):
     """Chat data: the prompts keep every special token of the template (they are the trained token ids, not
     decoded text re-tokenized), and with LoRA + --ref_model + precompute the sampled reference is --ref_model."""
-    import sample_eval
+    from demo import sample_eval
 
     tokenizer = make_tokenizer()
     tokenizer.add_special_tokens({"additional_special_tokens": ["<user>", "<bot>"]})
@@ -290,7 +292,7 @@ def test_max_length_that_scores_no_token_is_an_error_before_the_model_loads(tiny
     with pytest.raises(ValueError, match="were dropped.*no completion token to score.*raise max_length"):
         data.prepare_dataset([{"prompt": "the movie was", "chosen": " good", "rejected": " bad"}], make_tokenizer(),
                              max_length=1, counts=counts, verbose=False)
-    with pytest.raises(dpo.runs.OptionError, match="--max_length must be >= 2"):  # the CLI refuses it as an option
+    with pytest.raises(OptionError, match="--max_length must be >= 2"):  # the CLI refuses it as an option
         config(tiny, tmp_path, "--max_length", "1", "--max_steps", "1")
 
 
@@ -309,4 +311,4 @@ def test_parameter_count_is_the_same_in_4bit(tiny):
     cfg4 = config(tiny, "unused", "--load_in_4bit")
     quantized = dpo.load_model(cfg4, tiny["model"], torch.device("cpu"), trainable=True)
     assert sum(p.numel() for p in quantized.parameters()) < sum(p.numel() for p in full.parameters())  # packed
-    assert dpo.runs.count_parameters(quantized) == dpo.runs.count_parameters(full) == sum(p.numel() for p in full.parameters())
+    assert checks.count_parameters(quantized) == checks.count_parameters(full) == sum(p.numel() for p in full.parameters())

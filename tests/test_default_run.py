@@ -14,7 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.skipif(not (ROOT / "assets" / "tiny-sentiment-lm").is_dir(), reason="assets/ not built")
+@pytest.mark.skipif(not (ROOT / "demo" / "assets" / "tiny-sentiment-lm").is_dir(), reason="demo/assets/ not built")
 def test_default_run_learns_the_preference_and_beats_the_reference(tmp_path):
     start = time.time()
     run = subprocess.run([sys.executable, str(ROOT / "dpo.py")], cwd=tmp_path, capture_output=True, text=True,

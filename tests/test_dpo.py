@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import checkpoints
+from harness import checkpoints
 import data
 import dpo
+from harness import options
+from harness.errors import RunError
 import losses
 from tiny import interrupt_at_loss_call, read_records as records, run_config as config
 
@@ -86,7 +88,7 @@ def test_chunked_logps_equal_naive_log_softmax_values_and_gradients(tiny):
 def test_adapter_disabled_reference_equals_a_separate_frozen_copy(tiny):
     """LoRA's reference (adapters off) scores exactly like a separately loaded base model, even after the adapter
     has moved away from zero."""
-    cfg = dpo.parse_args(["--model", tiny["model"], "--dataset", tiny["dataset"], "--output_dir", "unused"])
+    cfg = options.parse_args(["--model", tiny["model"], "--dataset", tiny["dataset"], "--output_dir", "unused"])
     model = dpo.load_model(cfg, tiny["model"], torch.device("cpu"), trainable=True)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -204,7 +206,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tiny, tmp_path, m
         return (out[0] * float("nan"),) + out[1:] if calls["n"] == 3 else out
 
     monkeypatch.setattr(losses, "dpo_loss", poisoned)
-    with pytest.raises(dpo.runs.RunError, match=r"non-finite loss \(nan\) at step 3.*checkpoint-2"):
+    with pytest.raises(RunError, match=r"non-finite loss \(nan\) at step 3.*checkpoint-2"):
         dpo.main(config(tiny, tmp_path, "--max_steps", "5", "--save_steps", "2"))
     assert sorted(p.name for p in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
     monkeypatch.undo()
@@ -222,7 +224,7 @@ def test_non_finite_loss_stops_with_the_last_checkpoint_intact(tiny, tmp_path, m
 ])
 def test_contradictory_options_fail_before_any_model_is_loaded(argv, message):
     with pytest.raises((SystemExit, ValueError), match=message):
-        dpo.parse_args(["--model", "does/not-exist", "--dataset", "missing.jsonl", *argv])
+        options.parse_args(["--model", "does/not-exist", "--dataset", "missing.jsonl", *argv])
 
 
 def test_a_checkpoint_with_a_pickled_object_is_refused_not_executed(tiny, tmp_path):
@@ -286,7 +288,7 @@ def test_lr_schedule_equals_transformers_get_scheduler(schedule, warmup):
 def test_full_fine_tuning_imports_neither_peft_nor_bitsandbytes(tiny, tmp_path):
     """Full fine-tuning needs no adapters and no 4-bit layers; importing them (transformers' trainer utilities
     would) costs ~170 MiB of memory and seconds of start-up."""
-    code = ("import sys, dpo; dpo.main(dpo.parse_args(sys.argv[1:])); "
+    code = ("import sys, dpo; from harness import options; dpo.main(options.parse_args(sys.argv[1:])); "
             "print('imported:', [m for m in ('peft', 'bitsandbytes', 'transformers.optimization') if m in sys.modules])")
     run = subprocess.run([sys.executable, "-c", code, "--model", tiny["model"], "--dataset", tiny["dataset"],
                           "--output_dir", str(tmp_path), "--max_steps", "1", "--max_length", "32", "--use_peft", "False",

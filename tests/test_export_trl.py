@@ -12,8 +12,9 @@ import pytest
 
 import data
 import dpo
-import export_trl
-from export_trl import batch_plan, export_trl_command
+from harness import options
+from harness import export_trl
+from harness.export_trl import batch_plan, export_trl_command
 from tiny import make_preference_dir
 
 pytestmark = pytest.mark.trl
@@ -44,7 +45,7 @@ ARGV = ["--model", "Qwen/Qwen2.5-0.5B-Instruct", "--dataset", "trl-lib/ultrafeed
 
 
 def test_trl_accepts_every_exported_option_with_the_same_value():
-    cfg = dpo.parse_args(ARGV)
+    cfg = options.parse_args(ARGV)
     command = export_trl_command(cfg, ARGV)
     script, training, model = trl_parse(command)
     assert model.model_name_or_path == cfg.model and script.dataset_name == cfg.dataset
@@ -84,7 +85,7 @@ def test_a_batch_that_does_not_split_is_a_warning_line():
     per_device, accumulation, warning = batch_plan(16, 2, 3)
     assert 3 * per_device * accumulation == 15  # the nearest global batch
     assert "15 pairs per step, not 16" in warning and "--num_processes 2 or 4 (a divisor of 16)" in warning
-    command = export_trl_command(dpo.parse_args(ARGV), ARGV, num_processes=3)
+    command = export_trl_command(options.parse_args(ARGV), ARGV, num_processes=3)
     assert "\n# warning: 16 pairs per step" in command
 
 
@@ -108,7 +109,7 @@ def test_local_data_is_written_as_the_rows_this_run_uses(tmp_path, layout):
     prefs = make_preference_dir(tmp_path / "prefs", n_train=40, n_test=6)
     dataset = f"{prefs}/train.jsonl" if layout == "file" else prefs
     argv = ["--model", "m", "--dataset", dataset, "--output_dir", str(tmp_path / "out"), "--bf16", "False"]
-    cfg = dpo.parse_args(argv)
+    cfg = options.parse_args(argv)
     words = shlex.split(export_trl_command(cfg, argv).splitlines()[0])
     assert words[words.index("--dataset_name") + 1] == str(tmp_path / "out" / "trl_dataset")
     train, evaluation = data.load_preference_dataset(dataset, seed=cfg.seed)  # held out (file) or the test split

@@ -9,7 +9,8 @@ import shlex
 import pytest
 
 import dpo
-from export_trl import export_trl_command
+from harness.options import parse_args, cli
+from harness.export_trl import export_trl_command
 from tiny import make_model_dir, make_preference_dir
 
 pytest.importorskip("trl")
@@ -37,9 +38,9 @@ def test_trl_script_runs_the_exported_command_like_dpo_py(tmp_path, layout):
                "--gradient_accumulation_steps", "2", "--logging_steps", "1", "--learning_rate", "1e-3",
                "--max_length", "64", "--bf16", "False"]  # bf16 off: a CPU (TRL's default bf16=True refuses one)
     argv = options + ["--output_dir", str(tmp_path / "trl"), "--export_trl", "--num_processes", "1"]
-    command = export_trl_command(dpo.parse_args(argv), argv, num_processes=1)
+    command = export_trl_command(parse_args(argv), argv, num_processes=1)
     run_trl_script(command)
-    dpo.cli(options + ["--output_dir", str(tmp_path / "ours"), "--show_examples", "0"])
+    cli(options + ["--output_dir", str(tmp_path / "ours"), "--show_examples", "0"], dpo.main)
 
     (checkpoint,) = (tmp_path / "trl").glob("checkpoint-*")  # transformers saves its state at the last step
     trl_log = json.loads((checkpoint / "trainer_state.json").read_text())["log_history"]

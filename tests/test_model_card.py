@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 import dpo
-import model_card
+from harness import options
+from harness import model_card
 from tiny import read_records as records, run_argv as argv
 
 
@@ -19,7 +20,7 @@ def front_matter(card):
 def test_the_saved_model_has_a_hub_model_card_with_the_eval_numbers_and_the_command(tiny, tmp_path, monkeypatch):
     args = argv(tiny, tmp_path, "--max_steps", "3", "--merge_adapter")
     monkeypatch.setattr(sys, "argv", ["dpo.py", *args])  # as `python dpo.py ...` has it
-    dpo.main(dpo.parse_args(args))
+    dpo.main(options.parse_args(args))
     card = (tmp_path / "model" / "README.md").read_text()
     meta = front_matter(card)
     assert meta["base_model"] == tiny["model"] and meta["library_name"] == "peft"
@@ -34,12 +35,12 @@ def test_the_saved_model_has_a_hub_model_card_with_the_eval_numbers_and_the_comm
 
 
 def test_a_run_started_from_python_gets_the_equivalent_command(tiny, tmp_path, monkeypatch):
-    cfg = dpo.parse_args(argv(tiny, tmp_path, "--loss_type", "sigmoid", "sft", "--use_peft", "False", "--beta", "0.05",
+    cfg = options.parse_args(argv(tiny, tmp_path, "--loss_type", "sigmoid", "sft", "--use_peft", "False", "--beta", "0.05",
                               "--dataset_split", "train[:50%]"))
     monkeypatch.setattr(sys, "argv", ["pytest"])
     words = shlex.split(model_card.command(cfg))
     assert words[:2] == ["python", "dpo.py"]
-    assert vars(dpo.parse_args(words[2:])) == vars(cfg)  # the command gives the same run
+    assert vars(options.parse_args(words[2:])) == vars(cfg)  # the command gives the same run
 
 
 @pytest.mark.parametrize("extra, library, tags", [
@@ -47,7 +48,7 @@ def test_a_run_started_from_python_gets_the_equivalent_command(tiny, tmp_path, m
     (["--load_in_4bit", "--dataset", "trl-lib/ultrafeedback_binarized"], "peft", ["dpo", "trl-compatible", "lora", "qlora"]),
 ])
 def test_the_card_of_each_kind_of_run_has_its_library_and_python_that_compiles(extra, library, tags):
-    cfg = dpo.parse_args(["--model", "Qwen/Qwen2.5-0.5B-Instruct", "--output_dir", "out", *extra])
+    cfg = options.parse_args(["--model", "Qwen/Qwen2.5-0.5B-Instruct", "--output_dir", "out", *extra])
     card = model_card.model_card(cfg, [{"step": 5, "eval_loss": 0.5}], "model")
     meta = front_matter(card)
     assert meta["library_name"] == library and meta["tags"] == tags and meta["base_model"] == "Qwen/Qwen2.5-0.5B-Instruct"

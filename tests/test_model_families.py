@@ -13,7 +13,8 @@ import torch
 import transformers
 
 import dpo
-import families
+from harness.errors import OptionError, RunError
+from harness import models
 
 BASE = dict(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, head_dim=8, max_position_embeddings=64, initializer_range=0.2)
@@ -83,7 +84,7 @@ def test_logps_equal_the_models_own_forward(model_type, config_name, model_name,
         ours, _ = dpo.completion_logps(model, batch, chunk_tokens=7)  # several chunks
         theirs = dpo.completion_logps_naive(model, batch)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
-    families.check_head(model)  # and the load-time check accepts it
+    models.check_head(model)  # and the load-time check accepts it
 
 
 @pytest.mark.parametrize("family", ["granite", "cohere", "gemma2", "minicpm3"])
@@ -121,8 +122,8 @@ def test_unknown_head_is_refused():
 
     torch.manual_seed(0)
     model = TripledLlama(transformers.LlamaConfig(**BASE)).eval()
-    with pytest.raises(dpo.runs.RunError, match=r"llama \(TripledLlama\).*logits_from_hidden"):
-        families.check_head(model)
+    with pytest.raises(RunError, match=r"llama \(TripledLlama\).*logits_from_hidden"):
+        models.check_head(model)
 
 
 # ---- (B) mixture of experts ----------------------------------------------------------------------------------
@@ -195,6 +196,6 @@ def test_router_gets_a_balancing_gradient():
 
 def test_router_aux_loss_coef_on_a_dense_model_is_refused():
     model = build("LlamaConfig", "LlamaForCausalLM", {})
-    assert families.aux_loss_coef(dpo.Config(), model) == 0.0  # unset: nothing to add
-    with pytest.raises(dpo.runs.OptionError, match="not a mixture-of-experts model"):
-        families.aux_loss_coef(dpo.Config(router_aux_loss_coef=0.01), model)
+    assert models.aux_loss_coef(dpo.Config(), model) == 0.0  # unset: nothing to add
+    with pytest.raises(OptionError, match="not a mixture-of-experts model"):
+        models.aux_loss_coef(dpo.Config(router_aux_loss_coef=0.01), model)

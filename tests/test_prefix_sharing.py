@@ -1,4 +1,4 @@
-"""The shared-prompt forward (data.share_prompts + dpo.completion_logps): each pair as one row [prompt; chosen;
+"""The shared-prompt forward (prefix_sharing.share_prompts + dpo.completion_logps): each pair as one row [prompt; chosen;
 rejected], the rejected completion's positions restarting after the prompt and its tokens unable to see the chosen
 ones. The numbers must be those of the concatenated rows [prompt+chosen; prompt+rejected]: per-token log-probs and
 gradients within 1e-5 in fp32 for full fine-tuning, LoRA, QLoRA and gradient checkpointing, and the same training
@@ -11,6 +11,8 @@ import torch
 
 import data
 import dpo
+from harness import options
+from speedups import prefix_sharing
 from tiny import make_preference_dir, make_tokenizer, read_records as records, run_config as config
 
 LN2 = math.log(2)
@@ -26,7 +28,7 @@ def test_layout_by_hand():
     examples = [{"prompt_ids": [5, 6], "chosen_ids": [7, 8], "rejected_ids": [9]},
                 {"prompt_ids": [5], "chosen_ids": [7], "rejected_ids": [8, 9, 10]}]
     batch = data.collate(examples, pad_token_id=0)
-    shared = data.share_prompts(batch, pad_token_id=0)
+    shared = prefix_sharing.share_prompts(batch, pad_token_id=0)
     assert shared["shared_input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 7, 8, 9, 10]]
     assert shared["shared_position_ids"].tolist() == [[0, 1, 2, 3, 2], [0, 1, 1, 2, 3]]
     assert shared["shared_attention_mask"][0, 0, 4].tolist() == [True, True, False, False, True]
@@ -35,7 +37,7 @@ def test_layout_by_hand():
     assert list(zip(rows.tolist(), pos.tolist())) == [(0, 1), (0, 2), (1, 0), (2, 1), (3, 0), (3, 1), (3, 2)]
     assert list(zip(shared["shared_rows"].tolist(), shared["shared_positions"].tolist())) == [
         (0, 1), (0, 2), (1, 0), (0, 1), (1, 0), (1, 2), (1, 3)]
-    padded = data.share_prompts(batch, pad_token_id=0, pad_to_multiple_of=8)  # --pad_to_multiple_of: 5 -> 8 columns
+    padded = prefix_sharing.share_prompts(batch, pad_token_id=0, pad_to_multiple_of=8)  # --pad_to_multiple_of: 5 -> 8 columns
     assert padded["shared_input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0], [5, 7, 8, 9, 10, 0, 0, 0]]
     assert torch.equal(padded["shared_attention_mask"][:, :, :5, :5], shared["shared_attention_mask"])
     assert not padded["shared_attention_mask"][:, :, :, 5:].any()  # no token attends to the padding
@@ -47,7 +49,7 @@ def test_pairs_with_two_different_prompts_are_not_shared():
     """truncation_scope "row" with keep_end can leave a pair's rows with different prompts: no shared layout."""
     examples = [{"prompt_ids": [5, 6, 7], "chosen_ids": [8, 9, 10], "rejected_ids": [11]}]
     batch = data.collate(examples, pad_token_id=0, max_length=4)  # chosen row keeps [7,8,9,10], rejected [5,6,7,11]
-    assert data.share_prompts(batch, 0) is None
+    assert prefix_sharing.share_prompts(batch, 0) is None
 
 
 def batch_of(tiny, n=6):
@@ -57,7 +59,7 @@ def batch_of(tiny, n=6):
     train, _ = data.load_preference_dataset(tiny["dataset"])
     examples = data.prepare_dataset(train.select(range(n)), tokenizer, max_length=12, verbose=False)  # some cut
     batch = data.collate(examples, data.pad_token_id(tokenizer), 12)
-    return batch, {**batch, **data.share_prompts(batch, data.pad_token_id(tokenizer))}
+    return batch, {**batch, **prefix_sharing.share_prompts(batch, data.pad_token_id(tokenizer))}
 
 
 @pytest.mark.parametrize("mode", [["--use_peft", "False"], [], ["--load_in_4bit"],
@@ -143,7 +145,7 @@ def test_a_sliding_window_shorter_than_a_shared_row_falls_back(tmp_path, capsys)
     MistralForCausalLM(config_).save_pretrained(tmp_path / "mistral")
     tokenizer.save_pretrained(tmp_path / "mistral")
     dataset = make_preference_dir(tmp_path / "data")
-    dpo.main(dpo.parse_args(["--model", str(tmp_path / "mistral"), "--dataset", dataset, "--output_dir",
+    dpo.main(options.parse_args(["--model", str(tmp_path / "mistral"), "--dataset", dataset, "--output_dir",
                              str(tmp_path / "out"), "--max_length", "32", "--max_steps", "1", "--show_examples", "0"]))
     out = capsys.readouterr().out
     assert "prefix sharing off: its sliding window (16) is shorter than a shared row can be (64)" in out

@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 import dpo
+from harness import options
+from harness.errors import RunError
 from tiny import interrupt_at_loss_call, read_records, run_argv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,12 +47,12 @@ def assert_same_run(straight, resumed):
 ], ids=["window-sigint", "accumulation-sigterm", "eval-save-sigterm"])
 def test_resume_equals_an_uninterrupted_run(tiny, tmp_path, monkeypatch, settings, loss_call, sig):
     args = ["--max_steps", "9", *settings]
-    dpo.main(dpo.parse_args(argv(tiny, tmp_path / "straight", *args)))
+    dpo.main(options.parse_args(argv(tiny, tmp_path / "straight", *args)))
     interrupt_at_loss_call(monkeypatch, loss_call, sig)
     with pytest.raises(SystemExit, match=rf"interrupted \({signal.Signals(sig).name}\): saved"):
-        dpo.main(dpo.parse_args(argv(tiny, tmp_path / "resumed", *args)))
+        dpo.main(options.parse_args(argv(tiny, tmp_path / "resumed", *args)))
     monkeypatch.undo()
-    dpo.main(dpo.parse_args(argv(tiny, tmp_path / "resumed", *args, "--resume_from_checkpoint", "latest")))
+    dpo.main(options.parse_args(argv(tiny, tmp_path / "resumed", *args, "--resume_from_checkpoint", "latest")))
     assert_same_run(tmp_path / "straight", tmp_path / "resumed")
 
 
@@ -84,12 +86,12 @@ def test_a_changed_option_on_resume_is_refused_or_stated(tiny, tmp_path, capsys)
     any file is written, so config.json keeps what the run used. A new --learning_rate (what one lowers to resume
     past a divergence) is applied to the restored schedule, and --logging_steps too; both changes are said."""
     out = tmp_path / "run"
-    dpo.main(dpo.parse_args(argv(tiny, out, "--max_steps", "4", "--save_steps", "2", "--logging_steps", "2")))
+    dpo.main(options.parse_args(argv(tiny, out, "--max_steps", "4", "--save_steps", "2", "--logging_steps", "2")))
     before = (out / "config.json").read_text()
-    with pytest.raises(dpo.runs.RunError, match=r"--max_steps 8 \(the checkpoint was trained with 4\).*learning rate jump"):
-        dpo.main(dpo.parse_args(argv(tiny, out, "--max_steps", "8", "--save_steps", "2", "--resume_from_checkpoint", "latest")))
+    with pytest.raises(RunError, match=r"--max_steps 8 \(the checkpoint was trained with 4\).*learning rate jump"):
+        dpo.main(options.parse_args(argv(tiny, out, "--max_steps", "8", "--save_steps", "2", "--resume_from_checkpoint", "latest")))
     assert (out / "config.json").read_text() == before
-    dpo.main(dpo.parse_args(argv(tiny, out, "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
+    dpo.main(options.parse_args(argv(tiny, out, "--max_steps", "4", "--save_steps", "2", "--logging_steps", "1",
                                  "--learning_rate", "5e-3", "--resume_from_checkpoint", str(out / "checkpoint-2"))))
     printed = capsys.readouterr().out
     assert "resume: --logging_steps changed from 2 to 1: applied from step 2 on" in printed
@@ -102,13 +104,13 @@ def test_a_changed_option_on_resume_is_refused_or_stated(tiny, tmp_path, capsys)
 
 def test_a_fresh_run_never_clobbers_a_used_output_dir(tiny, tmp_path):
     out = tmp_path / "run"
-    dpo.main(dpo.parse_args(argv(tiny, out, "--max_steps", "4", "--save_steps", "2")))
+    dpo.main(options.parse_args(argv(tiny, out, "--max_steps", "4", "--save_steps", "2")))
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    with pytest.raises(dpo.runs.RunError, match="is not empty.*--overwrite_output_dir"):
-        dpo.main(dpo.parse_args(argv(tiny, out, "--max_steps", "2")))
+    with pytest.raises(RunError, match="is not empty.*--overwrite_output_dir"):
+        dpo.main(options.parse_args(argv(tiny, out, "--max_steps", "2")))
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
     (out / "notes.txt").write_text("mine")
-    dpo.main(dpo.parse_args(argv(tiny, out, "--max_steps", "2", "--overwrite_output_dir")))
+    dpo.main(options.parse_args(argv(tiny, out, "--max_steps", "2", "--overwrite_output_dir")))
     assert sorted(p.name for p in out.glob("checkpoint-*")) == []  # the old run's checkpoints are gone
     assert [r["step"] for r in records(out) if "loss" in r] == [2]
     assert (out / "notes.txt").read_text() == "mine"  # only what a run writes is replaced
@@ -139,7 +141,7 @@ def test_non_finite_gradient_stops_before_the_weights_change(tiny, tmp_path, mon
 
     monkeypatch.setattr(dpo, "load_model", load)
     monkeypatch.setattr(torch.Tensor, "backward", poisoned_backward)
-    with pytest.raises(dpo.runs.RunError, match=r"non-finite gradient norm \(inf\) at step 3.*checkpoint-2"):
-        dpo.main(dpo.parse_args(argv(tiny, tmp_path, "--max_steps", "5", "--save_steps", "2")))
+    with pytest.raises(RunError, match=r"non-finite gradient norm \(inf\) at step 3.*checkpoint-2"):
+        dpo.main(options.parse_args(argv(tiny, tmp_path, "--max_steps", "5", "--save_steps", "2")))
     weights = load_file(tmp_path / "checkpoint-2" / "trainable.safetensors")
     assert all(torch.isfinite(v).all() for v in weights.values())

@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 import dpo
+from harness import options
+from harness.errors import RunError
+from harness import checks
 import losses
-import trackers
+from harness import trackers
 from tiny import interrupt_at_loss_call, read_records as records, run_argv as argv
 
 
@@ -50,13 +53,13 @@ def test_tensorboard_events_equal_metrics_jsonl_for_every_key_and_step_also_afte
     pytest.importorskip("tensorboard")  # a development dependency (requirements-dev.txt), not a runtime one
     args = argv(tiny, tmp_path, "--max_steps", "4", "--eval_steps", "2", "--save_steps", "2", "--use_peft", "False",
                 "--report_to", "tensorboard")
-    dpo.main(dpo.parse_args(args))
+    dpo.main(options.parse_args(args))
     first = tensorboard_scalars(tmp_path)
     assert_same(first, as_sent(tmp_path))
     assert {"train/loss", "train/rewards/margins", "train/learning_rate", "eval/loss", "eval/rewards/accuracies"} <= first.keys()
     # resuming from step 2 rewrites metrics.jsonl after step 2; the events of steps 3-4 the first run wrote are hidden
     # (tokens_per_second differs between the two runs, so the comparison tells which run's values are read)
-    dpo.main(dpo.parse_args(args + ["--resume_from_checkpoint", str(tmp_path / "checkpoint-2")]))
+    dpo.main(options.parse_args(args + ["--resume_from_checkpoint", str(tmp_path / "checkpoint-2")]))
     assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
     after = tensorboard_scalars(tmp_path)
     assert_same(after, as_sent(tmp_path))
@@ -71,7 +74,7 @@ def test_a_missing_tracker_package_is_a_one_line_option_error_before_anything_lo
     for value, message in (("tensorboard", "--report_to tensorboard needs the tensorboard package: pip install tensorboard"),
                            ("mlflow", "--report_to must be none, tensorboard, wandb or trackio, not 'mlflow'")):
         with pytest.raises(SystemExit) as exit_:
-            dpo.cli(argv(tiny, tmp_path, "--report_to", value))
+            options.cli(argv(tiny, tmp_path, "--report_to", value), dpo.main)
         assert exit_.value.code == 2
         assert capsys.readouterr().err == f"dpo.py: error: {message}\n"
 
@@ -84,7 +87,7 @@ def test_wandb_offline_is_sent_the_records_of_metrics_jsonl(tiny, tmp_path, monk
     (tmp_path / "wandb-dir").mkdir()
     sent, real_log = [], wandb.Run.log
     monkeypatch.setattr(wandb.Run, "log", lambda run, data, *a, **kw: (sent.append(data), real_log(run, data, *a, **kw))[1])
-    dpo.main(dpo.parse_args(argv(tiny, tmp_path / "out", "--max_steps", "3", "--report_to", "wandb")))
+    dpo.main(options.parse_args(argv(tiny, tmp_path / "out", "--max_steps", "3", "--report_to", "wandb")))
     want = [{**trackers.tracker_names({k: v for k, v in r.items() if k != "step"}), "train/global_step": r["step"]}
             for r in records(tmp_path / "out")]
     assert sent == want and len(want) == 4  # 3 training records and the final evaluation
@@ -110,9 +113,9 @@ def test_trackio_is_closed_on_ctrl_c_and_continued_by_the_resumed_run(tiny, tmp_
     args = argv(tiny, tmp_path, "--max_steps", "4", "--use_peft", "False", "--report_to", "trackio")
     interrupt_at_loss_call(monkeypatch, 2)
     with pytest.raises(SystemExit, match="interrupted"):
-        dpo.main(dpo.parse_args(args))
+        dpo.main(options.parse_args(args))
     assert calls[-1] == ("finish",)
-    dpo.main(dpo.parse_args(args + ["--resume_from_checkpoint", "latest"]))
+    dpo.main(options.parse_args(args + ["--resume_from_checkpoint", "latest"]))
     inits = [c[1] for c in calls if c[0] == "init"]
     assert len(inits) == 2 and inits[0]["name"] == inits[1]["name"] and inits[1]["resume"] == "allow"
     assert inits[0]["config"]["beta"] == 0.1
@@ -127,8 +130,8 @@ def test_the_tracker_is_closed_when_the_run_fails(tiny, tmp_path, monkeypatch):
     calls = fake_trackio(monkeypatch)
     real = losses.dpo_loss
     monkeypatch.setattr(losses, "dpo_loss", lambda *a, **kw: (real(*a, **kw)[0] * float("nan"),) + real(*a, **kw)[1:])
-    with pytest.raises(dpo.runs.RunError, match="non-finite loss"):
-        dpo.main(dpo.parse_args(argv(tiny, tmp_path, "--max_steps", "2", "--report_to", "trackio")))
+    with pytest.raises(RunError, match="non-finite loss"):
+        dpo.main(options.parse_args(argv(tiny, tmp_path, "--max_steps", "2", "--report_to", "trackio")))
     assert [c[0] for c in calls] == ["init", "finish"]
 
 
@@ -137,5 +140,5 @@ def test_overwrite_output_dir_removes_what_a_tracker_wrote(tmp_path):
         (tmp_path / name).mkdir()
     (tmp_path / "tracker.json").write_text("{}")
     (tmp_path / "notes.txt").write_text("mine")
-    dpo.runs.clear_output_dir(tmp_path)
+    checks.clear_output_dir(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

@@ -80,9 +80,9 @@ def run_argv(tiny, out, *extra):
 
 def run_config(tiny, out, *extra):
     """The resolved Config of those words (what `python dpo.py ...` would run)."""
-    import dpo
+    from harness import options
 
-    return dpo.parse_args(run_argv(tiny, out, *extra))
+    return options.parse_args(run_argv(tiny, out, *extra))
 
 
 def read_records(out, timing=True):

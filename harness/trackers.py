@@ -21,7 +21,7 @@ import secrets
 import sys
 from pathlib import Path
 
-import runs
+from harness.errors import RunError
 
 REPORT_TO = ("none", "tensorboard", "wandb", "trackio")  # each tracker's package has the option value's name
 
@@ -65,7 +65,7 @@ def start(cfg, step: int):
             handle = module
     except Exception as err:  # no login, no network: one line saying what to do, not the tracker's traceback
         detail = " ".join(str(err).split())[:200]
-        raise runs.RunError(f"--report_to {cfg.report_to} could not start ({type(err).__name__}: {detail}); "
+        raise RunError(f"--report_to {cfg.report_to} could not start ({type(err).__name__}: {detail}); "
                             + ("log in with `wandb login`, or set WANDB_MODE=offline" if cfg.report_to == "wandb"
                                else "check trackio's settings") + ", or run with --report_to none") from err
     return cfg.report_to, handle

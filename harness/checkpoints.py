@@ -30,14 +30,11 @@ import safetensors.torch
 import torch
 from safetensors.torch import load_file, save_file
 
-import model_card
+from harness import model_card
+from harness.errors import CheckpointError
 
 MANIFEST = "manifest.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # exactly: a user's checkpoint-best/ or checkpoint-100-backup/ is not one
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint, model folder or metrics file that cannot be written or read; the message says what to do."""
 
 
 def trainable_state(model):

@@ -5,99 +5,21 @@ skip this file.
 A user error is one line on stderr, `dpo.py: error: <what was wrong>, <where>, <what to do>`, with exit code 2 for
 options (OptionError) and 1 for data, files and faults (RunError, data.DataError, checkpoints.CheckpointError).
 """
-import contextlib
 import hashlib
-import importlib.util
 import json
-import logging
 import math
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 
-import checkpoints
 import data
-
-
-class OptionError(ValueError):
-    """An option out of range or contradicting another (exit code 2)."""
-
-
-class RunError(RuntimeError):
-    """A fault the user can act on: a missing file, a used output folder, a non-finite step (exit code 1)."""
+from harness import checkpoints
+from harness.errors import RunError
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Options
-
-
-# Each option's range, checked before the tokenizer loads: (option, is the value valid?, what it must be).
-RANGES = [
-    ("beta", lambda v: v > 0, "> 0 (the KL strength; at 0 the preference has no effect)"),
-    ("learning_rate", lambda v: v >= 0, ">= 0"),
-    ("max_length", lambda v: v >= 2, ">= 2 (a sequence's first token is never scored)"),
-    ("max_prompt_length", lambda v: v is None or v >= 1, ">= 1"),
-    ("max_completion_length", lambda v: v is None or v >= 1, ">= 1"),
-    ("pad_to_multiple_of", lambda v: v is None or v >= 1, ">= 1"),
-    ("per_device_train_batch_size", lambda v: v >= 1, ">= 1"),
-    ("per_device_eval_batch_size", lambda v: v >= 1, ">= 1"),
-    ("gradient_accumulation_steps", lambda v: v >= 1, ">= 1"),
-    ("num_train_epochs", lambda v: v > 0, "> 0"),
-    ("max_steps", lambda v: v == -1 or v >= 1, ">= 1, or -1 for num_train_epochs"),
-    ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("warmup_steps", lambda v: v >= 0, ">= 0"),
-    ("max_grad_norm", lambda v: v >= 0, ">= 0 (0: no clipping)"),
-    ("weight_decay", lambda v: v >= 0, ">= 0"),
-    ("eval_fraction", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("ref_model_mixup_alpha", lambda v: 0 <= v <= 1, "in [0, 1]"),
-    ("ref_model_sync_steps", lambda v: v >= 1, ">= 1"),
-    ("lora_r", lambda v: v >= 1, ">= 1"),
-    ("lora_alpha", lambda v: v > 0, "> 0"),
-    ("lora_dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
-    ("logging_steps", lambda v: v >= 1, ">= 1"),
-    ("num_processes", lambda v: v is None or v >= 1, ">= 1"),
-    ("eval_steps", lambda v: v is None or v >= 1, ">= 1"),
-    ("save_steps", lambda v: v >= 0, ">= 0 (0: only on Ctrl-C/SIGTERM)"),
-    ("save_total_limit", lambda v: v is None or v >= 1, ">= 1"),
-    ("sample_eval", lambda v: v >= 0, ">= 0"),
-    ("show_examples", lambda v: v >= 0, ">= 0"),
-    ("cpu_threads", lambda v: v is None or v >= 1, ">= 1"),
-    ("router_aux_loss_coef", lambda v: v is None or v >= 0, ">= 0"),
-]
-
-
-def check_options(cfg, problems: list[str]):
-    """Every option's range and every contradiction, all reported in one message (OptionError)."""
-    for name, valid, must_be in RANGES:
-        value = getattr(cfg, name)
-        if isinstance(value, float) and not math.isfinite(value) or not valid(value):
-            problems.append(f"--{name} must be {must_be}, got {value}")
-    if cfg.load_in_4bit and not cfg.use_peft:
-        problems.append("--load_in_4bit trains adapters on a frozen 4-bit base: add --use_peft True (4-bit weights cannot be trained)")
-    if cfg.sync_ref_model and cfg.precompute_ref_log_probs:
-        problems.append("--sync_ref_model changes the reference during training, so its log-probs cannot be precomputed: drop one")
-    if cfg.sync_ref_model and cfg.use_peft:
-        problems.append("--sync_ref_model needs a separate reference model: use full fine-tuning (--use_peft False)")
-    if cfg.reference_free and (cfg.precompute_ref_log_probs or cfg.sync_ref_model or cfg.ref_model):
-        problems.append("--reference_free uses no reference model: drop --precompute_ref_log_probs/--sync_ref_model/--ref_model")
-    if cfg.truncation_mode not in data.TRUNCATION_MODES:
-        problems.append(f"--truncation_mode must be {' or '.join(data.TRUNCATION_MODES)}, not {cfg.truncation_mode!r}")
-    if cfg.truncation_scope not in data.TRUNCATION_SCOPES:
-        problems.append(f"--truncation_scope must be {' or '.join(data.TRUNCATION_SCOPES)}, not {cfg.truncation_scope!r}")
-    if cfg.lr_scheduler_type not in ("linear", "cosine", "constant"):
-        problems.append(f"--lr_scheduler_type must be linear, cosine or constant, not {cfg.lr_scheduler_type!r}")
-    if cfg.optim not in ("adamw_torch", "rmsprop", "paged_adamw_8bit"):
-        problems.append(f"--optim must be adamw_torch, rmsprop or paged_adamw_8bit, not {cfg.optim!r}")
-    if cfg.report_to not in ("none", "tensorboard", "wandb", "trackio"):
-        problems.append(f"--report_to must be none, tensorboard, wandb or trackio, not {cfg.report_to!r}")
-    elif cfg.report_to != "none" and importlib.util.find_spec(cfg.report_to) is None:  # checked now, not after loading
-        problems.append(f"--report_to {cfg.report_to} needs the {cfg.report_to} package: pip install {cfg.report_to}")
-    if cfg.resume_from_checkpoint == "latest" and cfg.output_dir is None:
-        problems.append("--resume_from_checkpoint latest looks in --output_dir: give it, or the checkpoint's path")
-    if problems:
-        raise OptionError("; ".join(problems))
 
 
 def check_model_path(option: str, name: str):
@@ -190,7 +112,7 @@ def load_tokenizer(cfg):
 # (the learning rate is what one lowers to resume past a divergence: set_peak_learning_rate applies it).
 MAY_CHANGE_ON_RESUME = {"learning_rate", "prefix_sharing", "report_to", "logging_steps", "eval_steps", "save_steps", "save_total_limit", "sample_eval", "show_examples",
                         "cpu_threads", "per_device_eval_batch_size", "output_dir", "resume_from_checkpoint",
-                        "overwrite_output_dir", "debug", "export_trl"}
+                        "overwrite_output_dir", "debug", "export_trl", "config"}
 
 
 def check_resume(cfg, checkpoint: Path):
@@ -251,22 +173,6 @@ def check_same_vocabulary(cfg, tokenizer):
         raise RunError(f"--ref_model {cfg.ref_model} has an output vocabulary of {sizes[1]:,} and "
                        f"--model {cfg.model} of {sizes[0]:,}; the two models must share the vocabulary (a policy "
                        "with added tokens needs a reference with the same resized embeddings)")
-
-
-@contextlib.contextmanager
-def quiet_library_notices():
-    """Two notices that loading a model printed on every LoRA run, about the libraries and not the run:
-    bitsandbytes (imported by peft) found no optional CPU kernel from the `kernels` package and uses its own, and peft
-    asks transformers for a renamed attribute (a FutureWarning). Only these two; anything else is still shown."""
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-            yield
-    finally:
-        logger.setLevel(level)
 
 
 def check_positions(option: str, model, examples: list[dict], cfg):

@@ -25,7 +25,6 @@ different models are compared on common random numbers. The global RNG state is 
 import torch
 from transformers import GenerationConfig
 
-from dpo import completion_logps_naive
 
 
 def _prompt_ids(tokenizer, prompt):
@@ -91,6 +90,8 @@ def sequence_logps(model, prompt_ids, completion_ids, *, pad_id=0, batch_size=32
         completion_mask = torch.tensor([[0] * len(p) + [1] * len(c) + [0] * (width - len(p) - len(c)) for p, c in pairs],
                                        device=model.device)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+        from dpo import completion_logps_naive  # (imported here: dpo imports this module)
+
         logps += completion_logps_naive(model, batch).sum(dim=1).tolist()  # the trainer's own scoring
     return logps
 

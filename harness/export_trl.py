@@ -55,6 +55,7 @@ NO_EFFECT = {
     "debug": "error messages only",
     "export_trl": "this very export",
     "num_processes": "the launcher's --num_processes",
+    "config": "its options are exported one by one (the recipe itself is not carried)",
 }
 OUR_LOSSES = {"simpo": "trl.experimental CPOTrainer (loss_type=simpo)", "orpo": "trl.experimental ORPOTrainer",
               "dpop": "no TRL equivalent", "rdpo": "no TRL equivalent"}

@@ -3,11 +3,14 @@ the step between the last hidden states and the logits (scales and soft-caps), t
 head this file does not know, and the mixture-of-experts load-balancing loss. dpo.py calls it; a reader of the
 algorithm can skip it: for most models `logits_from_hidden` is just the LM head.
 """
+import contextlib
+import logging
 import sys
+import warnings
 
 import torch
 
-import runs
+from harness.errors import OptionError, RunError
 
 
 def logits_from_hidden(model, hidden):
@@ -44,7 +47,7 @@ def check_head(model):
     ours = logits_from_hidden(model, model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)[0][0])
     model.train(was_training)
     if ours.shape != theirs.shape or (ours - theirs).abs().max() > 0.02 * theirs.abs().max() + 1e-4:  # bf16 slack
-        raise runs.RunError(f"{model.config.model_type} ({type(model).__name__}) makes its logits in a way "
+        raise RunError(f"{model.config.model_type} ({type(model).__name__}) makes its logits in a way "
                             "dpo.py does not reproduce; add its step to families.logits_from_hidden (and tests/test_model_families.py)")
 
 
@@ -54,7 +57,7 @@ def router_aux_loss(model, router_logits, attention_mask):
     lm = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the wrapped ForCausalLM
     balance = getattr(sys.modules[type(lm).__module__], "load_balancing_loss_func", None)  # e.g. modeling_mixtral's
     if balance is None or not hasattr(lm, "num_experts") or lm.config.model_type == "doge":  # doge's takes other arguments
-        raise runs.RunError(f"{lm.config.model_type}: dpo.py cannot compute its load-balancing loss as "
+        raise RunError(f"{lm.config.model_type}: dpo.py cannot compute its load-balancing loss as "
                             "the model does; train without it: --router_aux_loss_coef 0")
     return balance(router_logits, lm.num_experts, lm.num_experts_per_tok, attention_mask)
 
@@ -63,6 +66,22 @@ def aux_loss_coef(cfg, model):
     """TRL's rule: a model is MoE when its config has output_router_logits; unset takes its router_aux_loss_coef."""
     c = model.config.get_text_config()
     if cfg.router_aux_loss_coef and not hasattr(c, "output_router_logits"):
-        raise runs.OptionError(f"--router_aux_loss_coef: {c.model_type} is not a mixture-of-experts model; drop the option")
+        raise OptionError(f"--router_aux_loss_coef: {c.model_type} is not a mixture-of-experts model; drop the option")
     coef = getattr(c, "router_aux_loss_coef", 0.0) if cfg.router_aux_loss_coef is None else cfg.router_aux_loss_coef
     return coef if hasattr(c, "output_router_logits") else 0.0
+
+
+@contextlib.contextmanager
+def quiet_library_notices():
+    """Two notices that loading a model printed on every LoRA run, about the libraries and not the run:
+    bitsandbytes (imported by peft) found no optional CPU kernel from the `kernels` package and uses its own, and peft
+    asks transformers for a renamed attribute (a FutureWarning). Only these two; anything else is still shown."""
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            yield
+    finally:
+        logger.setLevel(level)
