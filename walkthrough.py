@@ -69,6 +69,7 @@ assert Path("dpo.py").exists(), "start the notebook from the repository root (th
 sys.path.insert(0, os.getcwd())
 
 import data
+from harness import datafiles
 import dpo
 from speedups import prefix_sharing
 from harness import options
@@ -481,7 +482,7 @@ print(f"beta {cfg.beta}, loss {cfg.loss_type}, max_length {cfg.max_length}, {cfg
       f"batch {cfg.per_device_train_batch_size} pairs, bf16 {cfg.bf16}")
 tokenizer = AutoTokenizer.from_pretrained(cfg.model)
 pad_id = data.pad_token_id(tokenizer)
-train_rows, eval_rows = data.load_preference_dataset(cfg.dataset, cfg.dataset_split, cfg.eval_split)
+train_rows, eval_rows = datafiles.load_preference_dataset(cfg.dataset, cfg.dataset_split, cfg.eval_split)
 print(f"{len(train_rows)} training pairs, {len(eval_rows)} held-out pairs")
 
 row = train_rows[0]

@@ -77,9 +77,10 @@ def generate(model, tokenizer, prompt_ids, *, max_new_tokens=48, temperature=1.0
 
 
 @torch.no_grad()
-def sequence_logps(model, prompt_ids, completion_ids, *, pad_id=0, batch_size=32):
-    """log pi(y|x) = sum over completion tokens of log pi(y_t | x, y_<t), one forward pass per batch.
-    Right padding: positions are then 0..len-1 for every row, as in training."""
+def sequence_logps(model, prompt_ids, completion_ids, *, score, pad_id=0, batch_size=32):
+    """log pi(y|x) = sum over completion tokens of log pi(y_t | x, y_<t), one forward pass per batch, scored by
+    `score(model, batch) -> per-token log-probs [N, T-1]` (the trainer's own: dpo.completion_logps, passed in so
+    that this module does not import dpo). Right padding: positions are 0..len-1 for every row, as in training."""
     logps = []
     for start in range(0, len(prompt_ids), batch_size):
         pairs = list(zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size]))
@@ -90,9 +91,7 @@ def sequence_logps(model, prompt_ids, completion_ids, *, pad_id=0, batch_size=32
         completion_mask = torch.tensor([[0] * len(p) + [1] * len(c) + [0] * (width - len(p) - len(c)) for p, c in pairs],
                                        device=model.device)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
-        from dpo import completion_logps_naive  # (imported here: dpo imports this module)
-
-        logps += completion_logps_naive(model, batch).sum(dim=1).tolist()  # the trainer's own scoring
+        logps += score(model, batch).sum(dim=1).tolist()
     return logps
 
 
@@ -100,7 +99,7 @@ def _show(prompt):
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
-def sample_eval(policy, tokenizer, prompts, *, reference=None, reward_fn=None, num_samples=1, max_new_tokens=48,
+def sample_eval(policy, tokenizer, prompts, *, score, reference=None, reward_fn=None, num_samples=1, max_new_tokens=48,
                 temperature=1.0, seed=0, show=3, batch_size=32) -> dict:
     """Sample `num_samples` completions per prompt from `policy` and from `reference`, print `show` of them side
     by side and a summary, and return {"reward_reference", "reward_policy", "win_rate", "kl", "length_reference",
@@ -130,14 +129,14 @@ def sample_eval(policy, tokenizer, prompts, *, reference=None, reward_fn=None, n
             m.eval()
     try:
         policy_ids = generate(policy, tokenizer, prompt_ids, seed=seed, **kwargs)
-        policy_logps = sequence_logps(policy, prompt_ids, policy_ids, pad_id=pad_id, batch_size=batch_size)
+        policy_logps = sequence_logps(policy, prompt_ids, policy_ids, score=score, pad_id=pad_id, batch_size=batch_size)
         if reference is None:
             with policy.disable_adapter():
                 reference_ids = generate(policy, tokenizer, prompt_ids, seed=seed, **kwargs)
-                reference_logps = sequence_logps(policy, prompt_ids, policy_ids, pad_id=pad_id, batch_size=batch_size)
+                reference_logps = sequence_logps(policy, prompt_ids, policy_ids, score=score, pad_id=pad_id, batch_size=batch_size)
         else:
             reference_ids = generate(reference, tokenizer, prompt_ids, seed=seed, **kwargs)
-            reference_logps = sequence_logps(reference, prompt_ids, policy_ids, pad_id=pad_id, batch_size=batch_size)
+            reference_logps = sequence_logps(reference, prompt_ids, policy_ids, score=score, pad_id=pad_id, batch_size=batch_size)
     finally:
         for name, training in was_training.items():
             models[name].train(training)

@@ -178,7 +178,9 @@ def check_same_vocabulary(cfg, tokenizer):
 def check_positions(option: str, model, examples: list[dict], cfg):
     """A model with a learned table of positions (GPT-2's wpe, OPT's embed_positions) stops with an IndexError deep in
     its forward on a longer sequence: refuse it now, naming the length that fits. A rotary model has no table and
-    runs, on positions its pre-training never saw: one printed line."""
+    runs, on positions its pre-training never saw: one printed line. (No model: nothing to check.)"""
+    if not model:
+        return
     c = model.config.get_text_config()
     limit = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
     if not limit or not examples:

@@ -85,3 +85,44 @@ def quiet_library_notices():
             yield
     finally:
         logger.setLevel(level)
+
+
+def disable_dropout(model):
+    """Every dropout to 0: the nn.Dropout modules and the float rates that attention layers pass to SDPA themselves
+    (Llama's, Qwen's `attention_dropout`), so that the policy and the reference are the same network."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        for name in ("attention_dropout", "attn_dropout", "dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
+
+
+def prepare_4bit(model, compute_dtype, gradient_checkpointing: bool):
+    """peft's k-bit preparation for QLoRA, then two corrections. peft upcasts every non-4-bit weight to fp32 (the
+    paper's stability advice for norms); the embedding and the LM head are frozen and large (1B parameters on
+    Llama-3-8B), so they go back to the compute dtype. bitsandbytes on a CPU repacks 4-bit weights at the first
+    eval-mode forward for a kernel with no backward: later gradients would be wrong, so that is turned off."""
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
+        module.to(compute_dtype)
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
+def load_error(name, err) -> RunError:
+    """from_pretrained failed: no weights, unreadable weights, or an architecture transformers lacks."""
+    return RunError(f"could not load the model {name} ({str(err).splitlines()[0]}); check that the folder holds a "
+                    "causal language model saved with save_pretrained")
+
+
+def count_trainable(model) -> str:
+    from harness.checks import count_parameters
+
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"trainable parameters: {n_train:,} of {count_parameters(model):,}"

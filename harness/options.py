@@ -107,9 +107,13 @@ class Config:
     config: Optional[str] = field(default=None, metadata={"help": "a YAML recipe of these options (TRL's names too); the command line overrides it"})
 
 
-def resolve(cfg: Config, argv: list[str]) -> Config:
-    """Fill the defaults that depend on other options, and reject contradictions before anything is loaded."""
-    given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
+def resolve(cfg: Config, argv: list[str] | None = None) -> Config:
+    """Fill the defaults that depend on other options, and reject contradictions before anything is loaded. From
+    Python (argv None), an option counts as given when it differs from its default; resolving twice changes nothing."""
+    if argv is not None:
+        given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
+    else:
+        given = {f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != Config().__dict__[f.name]}
     if cfg.model == str(DEMO_MODEL) and cfg.dataset == str(DEMO_DATASET):
         for k, v in DEMO_DEFAULTS.items():
             if k not in given:
@@ -137,7 +141,6 @@ def resolve(cfg: Config, argv: list[str]) -> Config:
 
 # Each option's range, checked before the tokenizer loads: (option, is the value valid?, what it must be).
 RANGES = [
-    ("beta", lambda v: v > 0, "> 0 (the KL strength; at 0 the preference has no effect)"),
     ("learning_rate", lambda v: v >= 0, ">= 0"),
     ("max_length", lambda v: v >= 2, ">= 2 (a sequence's first token is never scored)"),
     ("max_prompt_length", lambda v: v is None or v >= 1, ">= 1"),

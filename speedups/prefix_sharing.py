@@ -12,7 +12,7 @@ A reader of the algorithm can skip this file: with `--prefix_sharing False` noth
 """
 import torch
 
-from data import padded_width
+from data import collate, padded_width
 from harness import models
 
 
@@ -71,8 +71,19 @@ def hidden_states(decoder, model, batch):
     return out[0][batch["shared_rows"], batch["shared_positions"]]
 
 
+def exact(cfg, models, examples, pad_id, completion_logps) -> bool:
+    """Whether to use prefix sharing: True when every model given scores the shared rows exactly; else one
+    printed line saying why, and False (the pairs are then scored as concatenated rows)."""
+    for model in filter(None, models):
+        why = problem(cfg, model, examples, pad_id, completion_logps)
+        if why:
+            print(f"prefix sharing off: {why}; each pair is scored as two concatenated rows")
+            return False
+    return True
+
+
 @torch.no_grad()
-def problem(cfg, model, batch, completion_logps) -> str | None:
+def problem(cfg, model, examples, pad_id, completion_logps) -> str | None:
     """Why `model` cannot score the shared-prompt rows exactly (None: it can). Checked once, on a real batch, against
     the concatenated rows, so that a family with its own position or mask scheme is caught, not trained wrongly."""
     c, attention = model.config.get_text_config(), model.config._attn_implementation
@@ -83,13 +94,18 @@ def problem(cfg, model, batch, completion_logps) -> str | None:
         return "the MoE balancing loss is defined over the concatenated rows"
     if window and window < 2 * cfg.max_length:  # a custom mask replaces the sliding window, harmless only if longer
         return f"its sliding window ({window}) is shorter than a shared row can be ({2 * cfg.max_length})"
-    if "shared_input_ids" not in batch:
+    batch = collate(examples[:cfg.per_device_train_batch_size], pad_id, cfg.max_length, cfg.truncation_mode,
+                    cfg.pad_to_multiple_of, cfg.truncation_scope)
+    shared = share_prompts(batch, pad_id, cfg.pad_to_multiple_of)
+    if shared is None:
         return None  # (this batch's pairs have two prompts each: it is scored the concatenated way anyway)
+    batch = {k: v.to(model.device) for k, v in {**batch, **shared}.items()}
     was_training = model.training
     model.eval()
     try:
-        shared = completion_logps(model, batch)[0]
-        rows = completion_logps(model, {k: v for k, v in batch.items() if not k.startswith("shared_")})[0]
+        with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bool(cfg.bf16)):
+            shared = completion_logps(model, batch)[0]
+            rows = completion_logps(model, {k: v for k, v in batch.items() if not k.startswith("shared_")})[0]
     except Exception as err:  # noqa: BLE001 - any failure means: use the concatenated rows
         return f"it fails on them ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
     finally:

@@ -54,13 +54,13 @@ def make_cases(base: Path) -> dict:
         optimizer.write_bytes(optimizer.read_bytes()[:100])  # a partly written file
     return {
         # options: exit code 2, before anything loads
-        "beta_0": (common + ["--beta", "0"], 2, ["--beta must be > 0"]),
+        "beta_0": (common + ["--beta", "0"], 2, ["beta must be > 0"]),
         "negative_lr": (common + ["--learning_rate", "-0.001"], 2, ["--learning_rate must be >= 0"]),
         "max_length_0": (common + ["--max_length", "0"], 2, ["--max_length must be >= 2"]),
         "lora_r_0": (common + ["--lora_r", "0"], 2, ["--lora_r must be >= 1"]),
         "pad_multiple_0": (common + ["--pad_to_multiple_of", "0"], 2, ["--pad_to_multiple_of must be >= 1"]),
         "two_problems": (common + ["--beta", "-1", "--load_in_4bit", "--use_peft", "False"], 2,
-                         ["--beta must be > 0", "--load_in_4bit trains adapters"]),
+                         ["beta must be > 0", "--load_in_4bit trains adapters"]),
         "unknown_option": (common + ["--betta", "0.1"], 2, ["unrecognized arguments: --betta"]),
         "bad_loss": (common + ["--loss_type", "sigmoidd"], 2, ["sigmoidd"]),
         "latest_without_dir": (common + ["--resume_from_checkpoint", "latest"], 2, ["latest looks in --output_dir"]),
@@ -133,7 +133,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_options_are_checked_before_the_tokenizer_loads(monkeypatch):
     """An option error is raised by parse_args, before main() loads anything."""
-    with pytest.raises(OptionError, match="--beta must be > 0.*--lora_r must be >= 1"):
+    with pytest.raises(OptionError, match="beta must be > 0.*--lora_r must be >= 1"):
         options.parse_args(["--beta", "0", "--lora_r", "0"])
 
 

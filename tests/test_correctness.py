@@ -2,6 +2,7 @@
 a GPU's), TR-DPO with tied embeddings, reference columns in the data, a reference cache after the weights change,
 a reference with another vocabulary, sample_eval's prompts and reference, TRL's logging conventions, degenerate
 data, and 4-bit parameter counts. Tiny random Llamas, nothing downloaded."""
+import dataclasses
 import json
 import math
 import shutil
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+from harness import datafiles
 import dpo
 from harness.errors import OptionError, RunError
 from harness import checks
@@ -75,7 +77,7 @@ def tiny_batch(tiny, n=4):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
-    train, _ = data.load_preference_dataset(tiny["dataset"])
+    train, _ = datafiles.load_preference_dataset(tiny["dataset"])
     return data.collate(data.prepare_dataset(train.select(range(n)), tokenizer, max_length=32, verbose=False),
                         data.pad_token_id(tokenizer), 32)
 
@@ -239,11 +241,11 @@ def test_eval_loss_is_a_mean_over_pairs_whatever_the_batch_size(tiny):
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # pairs now have different losses
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
-    _, eval_rows = data.load_preference_dataset(tiny["dataset"])
+    _, eval_rows = datafiles.load_preference_dataset(tiny["dataset"])
     eval_set = data.prepare_dataset(eval_rows, tokenizer, max_length=32, verbose=False)
     no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
-    by_pair = dpo.evaluate(dpo.dataclasses.replace(cfg, per_device_eval_batch_size=1), model, None, eval_set, 0, no_autocast)
-    by_five = dpo.evaluate(dpo.dataclasses.replace(cfg, per_device_eval_batch_size=5), model, None, eval_set, 0, no_autocast)
+    by_pair = dpo.evaluate(dataclasses.replace(cfg, per_device_eval_batch_size=1), model, None, eval_set, 0, no_autocast)
+    by_five = dpo.evaluate(dataclasses.replace(cfg, per_device_eval_batch_size=5), model, None, eval_set, 0, no_autocast)
     assert by_five["eval_loss"] == pytest.approx(by_pair["eval_loss"], abs=1e-6)
 
 
@@ -256,7 +258,7 @@ def test_tokens_per_second_counts_training_time_only(tiny, tmp_path, monkeypatch
         clock["offset"] += 1000.0
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(dpo.time, "time", lambda: real_time() + clock["offset"])
+    monkeypatch.setattr(time, "time", lambda: real_time() + clock["offset"])
     monkeypatch.setattr(dpo, "evaluate", slow_evaluate)
     dpo.main(config(tiny, tmp_path, "--max_steps", "4", "--eval_steps", "1"))
     rates = [r["tokens_per_second"] for r in records(tmp_path) if "loss" in r]

@@ -12,6 +12,7 @@ import torch
 
 from harness import checkpoints
 import data
+from harness import datafiles
 import dpo
 from harness import options
 from harness.errors import RunError
@@ -56,7 +57,7 @@ def tiny_batch(tiny, n=4):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
-    train, _ = data.load_preference_dataset(tiny["dataset"])
+    train, _ = datafiles.load_preference_dataset(tiny["dataset"])
     examples = data.prepare_dataset(train.select(range(n)), tokenizer, max_length=32, verbose=False)
     return data.collate(examples, data.pad_token_id(tokenizer), 32)
 
@@ -154,7 +155,7 @@ def test_qlora_on_cpu_trains_only_lora_and_the_saved_adapter_reloads(tiny, tmp_p
         elif "lora_B" in k:
             assert not torch.equal(v, after[k]), f"{k} did not train"
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
-    _, eval_rows = data.load_preference_dataset(tiny["dataset"])
+    _, eval_rows = datafiles.load_preference_dataset(tiny["dataset"])
     eval_set = data.prepare_dataset(eval_rows, tokenizer, max_length=32, verbose=False)
     reloaded = dpo.evaluate(cfg, trained, None, eval_set, data.pad_token_id(tokenizer), lambda: torch.autocast("cpu", enabled=False))
     logged = [r for r in records(tmp_path) if "eval_loss" in r][-1]

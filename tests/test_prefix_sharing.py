@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import data
+from harness import datafiles
 import dpo
 from harness import options
 from speedups import prefix_sharing
@@ -56,7 +57,7 @@ def batch_of(tiny, n=6):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
-    train, _ = data.load_preference_dataset(tiny["dataset"])
+    train, _ = datafiles.load_preference_dataset(tiny["dataset"])
     examples = data.prepare_dataset(train.select(range(n)), tokenizer, max_length=12, verbose=False)  # some cut
     batch = data.collate(examples, data.pad_token_id(tokenizer), 12)
     return batch, {**batch, **prefix_sharing.share_prompts(batch, data.pad_token_id(tokenizer))}
