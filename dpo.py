@@ -139,13 +139,12 @@ def _score_tokens(hidden, model, labels, with_wpo):
 
 
 def completion_logps(model, batch, with_wpo=False, with_aux=False, chunk_tokens=256):
-    """Per-token log-probs of the completion tokens, [2B, T-1], projecting only completion positions through
-    the LM head, in chunks whose [N, V] logits are recomputed in backward rather than kept (the
-    full-vocabulary logits are the largest tensor of a DPO step: 256 tokens x Llama-3's 128k vocabulary is 131
-    MB in fp32, and backward holds about four such tensors; a chunk of 1024 measured no faster on a CPU and
-    would hold four times as much). Returns (token_logps, stats): stats for the metrics, WPO and the MoE
-    aux_loss. With the batch's `shared_*` tensors (data.share_prompts) each pair's prompt is computed once,
-    and the numbers are the same: every token sees the same tokens at the same positions."""
+    """Per-token log-probs of the completion tokens, [2B, T-1]: the numbers of completion_logps_naive above
+    (log-softmax at every position, pick the next token), computed only at completion positions and in chunks
+    of `chunk_tokens` whose [N, V] logits are recomputed in backward rather than kept: the full-vocabulary
+    logits are the largest tensors of a DPO step (docs/speed.md). Returns (per_token, stats): stats for the
+    metrics, WPO and the MoE aux_loss. A batch with `shared_*` tensors (speedups/prefix_sharing.py) is scored
+    from [prompt; chosen; rejected] rows: the same numbers with each prompt computed once."""
     mask = batch["completion_mask"][:, 1:].bool()
     where = mask.nonzero(as_tuple=True)  # (row, position) of every scored token
     labels, decoder = batch["input_ids"][:, 1:][where], model.get_decoder()
