@@ -331,10 +331,10 @@ def main(cfg: Config):
             checks.check_positions("--ref_model", ref_model, train_set + eval_set, cfg)
         else:  # a frozen copy of the policy at step 0, in the policy's own dtype (see load_model)
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
-    if cfg.prefix_sharing:  # on where exact: checked on a real batch, else one line and the concatenated rows
-        probe = to_device(collate_batch(cfg, train_set[:cfg.per_device_train_batch_size], pad_id), device)
-        with autocast():
-            problem = next(filter(None, (prefix_sharing.problem(cfg, m, probe, completion_logps) for m in (model, ref_model) if m)), None)
+    if cfg.prefix_sharing:  # on only where exact (speedups/prefix_sharing.py), else one line and the concatenated rows
+        checked = (model, ref_model) if cfg.ref_model else (model,)  # (a copy of the policy is the same architecture)
+        problem = next(filter(None, (prefix_sharing.problem(cfg, m, train_set + eval_set, pad_id, completion_logps)
+                                     for m in checked)), None)
         if problem:
             print(f"prefix sharing off: {problem}; each pair is scored as two concatenated rows")
             cfg.prefix_sharing = False
