@@ -208,7 +208,7 @@ def numeric_problem(model, batches, completion_logps) -> str | None:
     narrower) and compare the per-token log-probs and every parameter's gradient, each within TOLERANCE of its
     tensor's largest element (fp32 whatever --bf16 says: bf16 noise would hide a real difference)."""
     try:
-        probe = fp32_copy(model)
+        probe = fp32_copy(model, batches[0], completion_logps)
     except Exception as err:  # noqa: BLE001 - undecided means off
         return f"no fp32 copy of it could be built to check the layout on ({one_line(err)})"
     for batch in batches:
@@ -230,8 +230,7 @@ def layout_differences(probe, batch, completion_logps) -> dict[str, float]:
     batch = {k: v.to(device) for k, v in batch.items()}
     with exact_fp32(device):
         shared = logps_and_gradients(probe, batch, completion_logps)
-        rows = logps_and_gradients(probe, {k: v for k, v in batch.items() if not k.startswith("shared_")},
-                                   completion_logps)
+        rows = logps_and_gradients(probe, concatenated(batch), completion_logps)
     if shared.keys() != rows.keys():  # a parameter that gets a gradient in one layout only
         return {name: float("inf") for name in shared.keys() ^ rows.keys()}
     scales = {}  # per module (a key bias's gradient is zero but for rounding: scaled by its weight's)
@@ -253,19 +252,23 @@ def logps_and_gradients(probe, batch, completion_logps) -> dict[str, torch.Tenso
     return {"log-probs": logps.detach(), **grads}
 
 
-def fp32_copy(model):
+def fp32_copy(model, batch, completion_logps):
     """A randomly initialised fp32 model of `model`'s class and configuration (positions, windows, layer types,
     attention implementation, depth, head size), narrowed to 2 attention heads (4 where a family needs more) so that
-    even a large model's copy is small."""
+    even a large model's copy is small: the first narrowing that builds and scores `batch` as concatenated rows."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # (PEFT: the model it wraps)
     c = base.config.get_text_config()
     heads = global_value(c, "num_attention_heads") or 2
     kv = global_value(c, "num_key_value_heads") or heads
     head_dim = global_value(c, "head_dim") or c.hidden_size // heads  # (kept: rotary tables follow the head size)
+    device = next(model.parameters()).device
     for n in (2, 4):
         try:
-            return narrow_copy(base, n, n // 2 if kv < heads else n, n * head_dim).to(next(model.parameters()).device)
-        except Exception as err:  # noqa: BLE001 - a family with its own rules on head counts: try the next
+            probe = narrow_copy(base, n, n // 2 if kv < heads else n, n * head_dim).to(device)
+            with exact_fp32(device), torch.no_grad():
+                completion_logps(probe, {k: v.to(device) for k, v in concatenated(batch).items()})
+            return probe
+        except Exception as err:  # noqa: BLE001 - a family with its own rules on sizes: try the next
             failure = err
     raise failure
 
@@ -304,6 +307,10 @@ def exact_fp32(device):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def concatenated(batch):
+    return {k: v for k, v in batch.items() if not k.startswith("shared_")}
 
 
 def one_line(err) -> str:
