@@ -26,15 +26,17 @@ def test_smollm2_shape_is_smollm2_135m():
     # HuggingFaceTB/SmolLM2-135M: 134,515,008 parameters, the embedding tied to the LM head
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    assert (config.head_dim, config.rope_parameters["rope_theta"], config.rms_norm_eps) == (64, 100000.0, 1e-5)
+    rope_theta = config.rope_parameters["rope_theta"]
+    assert (config.head_dim, rope_theta, config.rms_norm_eps) == (64, 100000.0, 1e-5)
 
 
 @pytest.mark.trl
 def test_compare_trl_runs_side_by_side(tmp_path):
     out = tmp_path / "results.json"
     argv = ["--arch", "tiny", "--batch_size", "2", "--max_length", "64", "--cut_rows",
-            "--prompt_tokens", "20", "40", "--modes", "full", "--threads", "2", "--steps", "2", "--warmup", "1",
-            "--repeats", "1", "--no_precompute", "--json", str(out), "--workdir", str(tmp_path / "work")]
+            "--prompt_tokens", "20", "40", "--modes", "full", "--threads", "2", "--steps", "2",
+            "--warmup", "1", "--repeats", "1", "--no_precompute", "--json", str(out),
+            "--workdir", str(tmp_path / "work")]
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "compare_trl.py"), *argv],
                           capture_output=True, text=True, env=env, timeout=600)
@@ -45,6 +47,6 @@ def test_compare_trl_runs_side_by_side(tmp_path):
     assert 20 <= low <= high <= 40
     rows = results["results"]["full"]
     assert set(rows) == {"trl", "ours", "ours_concat"}
-    # every row cut to max_length (the pairs chosen with the tokenizer the trainers load): 2 pairs x 2 rows x 64
+    # every row cut to max_length (pairs chosen with the tokenizer the trainers load): 2 pairs x 2 rows x 64
     assert rows["trl"]["tokens_per_step"] == rows["ours"]["tokens_per_step"] == [2 * 2 * 64] * 2
     assert "| tokens/s | x TRL | s/step | x TRL | step min-max s | tokens/CPU-s |" in proc.stdout
