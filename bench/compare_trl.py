@@ -4,22 +4,27 @@ This project's DPO loop against TRL 1.16's DPOTrainer: the same model, data and 
     python bench/compare_trl.py                     # the default run: ~8 min on 2 CPU cores
     python bench/compare_trl.py --quick             # smoke run: ~2 min
     python bench/compare_trl.py --device cuda --arch qwen2.5-0.5b --bf16 --max_length 1024   # what gpu_check.sh runs
+    python bench/compare_trl.py --arch smollm2-135m --batch_size 2 --cut_rows --modes full --threads 2 \
+        --prompt_tokens 85 199 --steps 5 --warmup 1 --no_precompute   # a real model's shape (bench/README.md)
 
-A development tool (it imports trl; the project never does). Everything is built offline in a temporary folder:
-a byte-level BPE tokenizer trained on the preference text, a random Qwen2 model (default 5.2M parameters) and a
-preference set of real text, the Anthropic HH harmless test file (../shared/data) when present, else the shipped
-demo/assets/sentiment-prefs, else synthetic word pairs. Each run is its own subprocess, so its peak memory is its own:
-ru_maxrss (RSS) on CPU, torch.cuda.max_memory_allocated on GPU, both read when the last step is done.
+A development tool (it imports trl; the project never does). Everything is built offline in a temporary
+folder: a byte-level BPE tokenizer trained on the preference text, a random model (--arch: a 5.2M-parameter
+Qwen2 by default, or the shape of a real architecture such as SmolLM2-135M's Llama), and a preference set of
+real text, the Anthropic HH harmless test file (../shared/data) when present, else the shipped
+demo/assets/sentiment-prefs, else synthetic word pairs. Each run is its own subprocess, so its peak memory is
+its own: ru_maxrss (RSS) on CPU, torch.cuda.max_memory_allocated on GPU, both read when the last step is done.
 
-Identical settings for both: fp32 (or bf16 autocast on both with --bf16), batch size, max_length, truncation_mode
-keep_start, steps, learning rate and linear schedule, AdamW (adamw_torch, not TRL's default fused one), no gradient
-checkpointing (TRL defaults to on), dropout off, no evaluation or saving, logging every step, seed 42, and the same
-batches in the same order (TRL reads the pairs already shuffled in this project's order, sequentially). Tokens are
-counted the same way for both: the sum of attention_mask over the 2B rows of each step. Timing skips the first
---warmup steps; each later step counts with its best time over --repeats runs, interleaved (ours, TRL, ours, ...) so
-that other load on the machine hits both alike. On CPU each run gets one thread (--threads) and the headline speed is
-per second of the run's own CPU time: time the run spends waiting for a core while other jobs hold it does not count
-(they still share caches and memory bandwidth). Wall-clock speed is shown too.
+Identical settings for both: fp32 (or bf16 autocast on both with --bf16), batch size, max_length,
+truncation_mode keep_start, steps, learning rate and linear schedule, AdamW (adamw_torch, not TRL's default
+fused one), no gradient checkpointing (TRL defaults to on), dropout off, no evaluation or saving, logging
+every step, seed 42, and the same batches in the same order (TRL reads the pairs already shuffled in this
+project's order, sequentially). Tokens are counted the same way for both: the sum of attention_mask over the
+2B rows of each step. Timing skips the first --warmup steps; each later step counts with its best time over
+--repeats runs, interleaved (ours, TRL, ours, ...) so that other load on the machine hits both alike. On CPU
+each run gets one thread (--threads) and the headline speed is per second of the run's own CPU time: time the
+run spends waiting for a core while other jobs hold it does not count (they still share caches and memory
+bandwidth). Wall-clock speed is shown too. With --threads N > 1 the headline is wall-clock speed, and the
+speed per CPU-second (of all N threads) is shown beside it.
 """
 import argparse
 import gzip
@@ -38,12 +43,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HH = ROOT.parent / "shared/data/hh_harmless_test.jsonl.gz"
 ASSETS = ROOT / "demo" / "assets" / "sentiment-prefs"
-# Sizes of the random model: "tiny" is the CPU fixture; "qwen2.5-0.5b" is the real architecture of the GPU check.
+# Shapes of the random model (random weights, no download): "tiny" is the CPU fixture; "smollm2-135m" is
+# HuggingFaceTB/SmolLM2-135M's config.json (134.5M parameters); "qwen2.5-0.5b" is the GPU check's model.
 ARCHS = {
-    "tiny": dict(vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    "qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True),
+    "tiny": dict(model_type="qwen2", vocab_size=8192, hidden_size=256, intermediate_size=768,
+                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
+    "smollm2-135m": dict(model_type="llama", vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                         tie_word_embeddings=True, hidden_act="silu", rms_norm_eps=1e-5, rope_theta=100000.0,
+                         max_position_embeddings=8192, initializer_range=0.041666666666666664,
+                         attention_bias=False, mlp_bias=False),
+    "qwen2.5-0.5b": dict(model_type="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         tie_word_embeddings=True),
 }
 SEED = 42
 
@@ -103,17 +115,26 @@ def train_tokenizer(rows, vocab_size):
 
 
 def build_fixture(work: Path, args):
-    """Tokenizer + random Qwen2 in work/model; the first steps*batch_size pairs that no trainer drops (keep_start
-    drops a pair whose prompt alone fills max_length) in work/ours.jsonl, and the same pairs in the order this
-    project's loop visits them in work/trl.jsonl (TRL reads them sequentially). One epoch = the run."""
+    """Tokenizer + random model (--arch) in work/model; the first steps*batch_size pairs that no trainer drops
+    (keep_start drops a pair whose prompt alone fills max_length) in work/ours.jsonl, and the same pairs in
+    the order this project's loop visits them in work/trl.jsonl (TRL reads them sequentially). One epoch = the
+    run."""
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import data
 
     rows, source = preference_rows(args.data, args.max_length)
     arch = dict(ARCHS[args.arch])
+    arch.setdefault("max_position_embeddings", max(args.max_length, 512))
     tokenizer = train_tokenizer(rows, min(arch["vocab_size"], 8192))
+    config = AutoConfig.for_model(**arch, eos_token_id=tokenizer.eos_token_id, bos_token_id=None,
+                                  pad_token_id=tokenizer.pad_token_id, attention_dropout=0.0)
+    config.save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    # the pairs are chosen with the tokenizer as both trainers load it: for a qwen2 model transformers loads it
+    # as Qwen2Tokenizer, whose own pre-tokenizer merges "\n\n" into one token, so the counts differ
+    tokenizer = AutoTokenizer.from_pretrained(work / "model")
     n_pairs = args.steps * args.batch_size
     kept = []
     for row in rows:  # one row at a time: prepare_dataset raises DataError for a set whose rows are all dropped
@@ -122,7 +143,9 @@ def build_fixture(work: Path, args):
                                          truncation_scope="row", verbose=False)
         except data.DataError:
             continue
-        if not args.cut_rows or len(ex["prompt_ids"]) + min(len(ex["chosen_ids"]), len(ex["rejected_ids"])) > args.max_length:
+        cut = len(ex["prompt_ids"]) + min(len(ex["chosen_ids"]), len(ex["rejected_ids"])) > args.max_length
+        low, high = args.prompt_tokens or (0, args.max_length)
+        if (cut or not args.cut_rows) and low <= len(ex["prompt_ids"]) <= high:
             kept.append(row)  # --cut_rows: both sequences of every pair longer than max_length, so all rows are cut
         if len(kept) == n_pairs:
             break
@@ -137,13 +160,12 @@ def build_fixture(work: Path, args):
         (work / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in subset))
 
     torch.manual_seed(0)
-    config = Qwen2Config(**arch, max_position_embeddings=max(args.max_length, 512), eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, bos_token_id=None, attention_dropout=0.0)
-    model = Qwen2ForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(work / "model")  # fp32: both trainers load it as float32 (TRL's default) and cast as set
-    tokenizer.save_pretrained(work / "model")
+    prompts = [len(e["prompt_ids"]) for e in examples]
     return {"source": source, "pairs": n_pairs, "params": sum(p.numel() for p in model.parameters()),
-            "mean_tokens_per_row": sum(lengths) / len(lengths), "truncated": sum(l > args.max_length for l in lengths)}
+            "mean_tokens_per_row": sum(lengths) / len(lengths), "prompt_tokens": [min(prompts), max(prompts)],
+            "truncated": sum(l > args.max_length for l in lengths)}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -256,7 +278,7 @@ def run_ours(spec):
     if spec["precompute"]:
         argv += ["--precompute_ref_log_probs"]
     argv += spec.get("extra_argv", [])  # later options win: gpu_check.py's QLoRA run adds its own
-    dpo.main(dpo.parse_args(argv))
+    dpo.main(dpo.options.parse_args(argv))
     first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     result.update(loss1=first["loss"], logps_chosen1=first["logps/chosen"])
     return result
@@ -376,7 +398,10 @@ def summarise(runs, clock, warmup):
         best = [min(times) for times in zip(*(r[f"step_s_{c}"] for r in runs))]
         out[f"tokens_per_s_{c}"], out[f"s_per_step_{c}"] = tokens / sum(best), sum(best) / len(best)
         out[f"each_run_tokens_per_s_{c}"] = [round(r[f"tokens_per_s_{c}"], 1) for r in runs]
+        every = [t for r in runs for t in r[f"step_s_{c}"]]  # the spread: every timed step of every repeat
+        out[f"step_range_{c}"] = [min(every), max(every)]
     out["tokens_per_s"], out["s_per_step"] = out[f"tokens_per_s_{clock}"], out[f"s_per_step_{clock}"]
+    out["step_range"] = out[f"step_range_{clock}"]
     peaks = sorted(runs, key=lambda r: r["peak_mib"])
     median = peaks[len(peaks) // 2]
     return dict(out, peak_mib=median["peak_mib"], peak_reserved_mib=median["peak_reserved_mib"], peak_heap_mib=median["peak_heap_mib"],
@@ -388,8 +413,12 @@ def summarise(runs, clock, warmup):
 def print_table(results, args, fixture, load, clock):
     memory = "peak CUDA MiB" if args.device == "cuda" else "peak RSS MiB"
     speed = "tokens/CPU-s" if clock == "cpu" else "tokens/s"
-    cols = ["mode", "run", speed, "x TRL", "s/step", "x TRL"] + (["wall tokens/s", "x TRL"] if clock == "cpu" else []) + \
-           [memory, "x TRL"] + (["peak heap MiB", "x TRL"] if args.heap else []) + ["step-1 loss", "step-1 logps/chosen"]
+    # on CPU the other clock too: wall-clock beside CPU time (one thread), CPU time of all threads beside wall
+    other = {"cpu": ("wall tokens/s", "tokens_per_s_wall"), "wall": ("tokens/CPU-s", "tokens_per_s_cpu")}
+    other = other[clock] if args.device == "cpu" else None
+    cols = ["mode", "run", speed, "x TRL", "s/step", "x TRL", "step min-max s"] + \
+           ([other[0], "x TRL"] if other else []) + [memory, "x TRL"] + \
+           (["peak heap MiB", "x TRL"] if args.heap else []) + ["step-1 loss", "step-1 logps/chosen"]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for mode, rows in results.items():
         trl = rows["trl"]
@@ -399,8 +428,11 @@ def print_table(results, args, fixture, load, clock):
                 continue
             r = rows[name]
             cells = [mode, label]
-            for key, fmt in (("tokens_per_s", ".0f"), ("s_per_step", ".3f")) + ((("tokens_per_s_wall", ".0f"),) if clock == "cpu" else ()):
+            keys = (("tokens_per_s", ".0f"), ("s_per_step", ".3f")) + (((other[1], ".0f"),) if other else ())
+            for key, fmt in keys:
                 cells += [f"{r[key]:{fmt}}", f"{r[key] / trl[key]:.2f}"]
+                if key == "s_per_step":
+                    cells.append(f"{r['step_range'][0]:.3f}-{r['step_range'][1]:.3f}")
             cells += [f"{r['peak_mib']:.0f}", f"{r['peak_mib'] / trl['peak_mib']:.2f}"]
             if args.heap:
                 cells += [f"{r['peak_heap_mib']:.0f}", f"{r['peak_heap_mib'] / trl['peak_heap_mib']:.2f}"]
@@ -415,15 +447,19 @@ def print_table(results, args, fixture, load, clock):
     print(f"\n{speed}: tokens (sum of attention_mask over the 2B rows of a step) per "
           + ("second of the run's own CPU time (one thread; time spent waiting for a core held by another job does not "
              "count); wall tokens/s is per second of wall-clock time" if clock == "cpu" else "second of wall-clock time")
+          + (f" (tokens/CPU-s: per second of the CPU time of all {args.threads} threads, spin-waits included)"
+             if clock == "wall" and args.device == "cpu" else "")
           + f"; steps {args.warmup + 1}-{args.steps} of {args.steps} timed, each step's best time of {args.repeats} "
-          "interleaved runs.")
+          "interleaved runs; step min-max: every timed step of every run, in the same clock.")
     print(f"settings: {args.batch_size} pairs/step, max_length {args.max_length} keep_start, "
           f"{'bf16 autocast' if args.bf16 else 'fp32'}, lr {args.learning_rate} linear, AdamW (adamw_torch), no gradient "
           f"checkpointing, no dropout, beta 0.1 sigmoid, LoRA r16 alpha32 all-linear; {args.threads or 'default'} CPU "
           f"thread(s) per run")
-    print(f"model: random Qwen2 '{args.arch}', {fixture['params'] / 1e6:.2f}M parameters; data: {fixture['pairs']} pairs "
-          f"from {fixture['source']}, {fixture['mean_tokens_per_row']:.0f} tokens per row before truncation "
-          f"({fixture['truncated']} pairs truncated)")
+    print(f"model: random {ARCHS[args.arch]['model_type']} '{args.arch}', {fixture['params'] / 1e6:.2f}M "
+          f"parameters; data: {fixture['pairs']} pairs from {fixture['source']}, "
+          f"{fixture['mean_tokens_per_row']:.0f} tokens per row before truncation "
+          f"({fixture['truncated']} pairs truncated), prompts of {fixture['prompt_tokens'][0]}-"
+          f"{fixture['prompt_tokens'][1]} tokens")
     print(f"machine: {machine_name(args.device)}; load average (1 min) during the runs: {load}")
 
 
@@ -446,7 +482,9 @@ def main():
     p.add_argument("--modes", nargs="+", default=["full", "lora"], choices=["full", "lora"])
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast for both (GPU); default fp32")
-    p.add_argument("--arch", default="tiny", choices=sorted(ARCHS), help="size of the random Qwen2")
+    p.add_argument("--arch", default="tiny", choices=sorted(ARCHS),
+                   help="shape of the random model: tiny (5.2M Qwen2), smollm2-135m (SmolLM2-135M's Llama), "
+                        "qwen2.5-0.5b")
     p.add_argument("--data", default="auto", choices=["auto", "synthetic"],
                    help="auto: HH, else demo/assets/sentiment-prefs, else synthetic; synthetic: random-word pairs of "
                         "0.5-1x max_length tokens (for throughput on long rows)")
@@ -456,6 +494,9 @@ def main():
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; each step's best time counts")
     p.add_argument("--no_precompute", action="store_true", help="skip the --precompute_ref_log_probs row")
     p.add_argument("--cut_rows", action="store_true", help="only pairs whose both sequences exceed max_length: every row is cut to it")
+    p.add_argument("--prompt_tokens", type=int, nargs=2, metavar=("MIN", "MAX"),
+                   help="only pairs whose prompt has MIN-MAX tokens (the prompt's share of a row sets how "
+                        "much the shared prompt saves)")
     p.add_argument("--heap", action="store_true", help="CPU: also sample each run's peak heap bytes in use (glibc mallinfo2, "
                    "every ms in a thread), the counterpart of CUDA's max_memory_allocated")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 steps, 1 warm-up, 1 repeat, max_length 128")
@@ -501,8 +542,10 @@ def main():
                     r = launch(spec, work, f"{mode}-{name}-{rep}")
                     runs[mode][name].append(r)
                     loads.append(os.getloadavg()[0])
-                    print(f"[{time.time() - start:4.0f} s] {mode:4} {name:11} repeat {rep}: {r['tokens_per_s_cpu']:6.0f} "
-                          f"tokens/CPU-s {r['tokens_per_s_wall']:6.0f} tokens/s {r['s_per_step_wall']:.3f} s/step, peak "
+                    print(f"[{time.time() - start:4.0f} s] {mode:4} {name:11} repeat {rep}: "
+                          f"{r['tokens_per_s_cpu']:6.0f} tokens/CPU-s {r['tokens_per_s_wall']:6.0f} tokens/s "
+                          f"{r['s_per_step_wall']:.3f} s/step (steps {min(r['step_s_wall']):.3f}-"
+                          f"{max(r['step_s_wall']):.3f}), peak "
                           f"{r['peak_mib']:.0f} MiB (before step 1: {r['before_step1_mib']:.0f})"
                           + (f", peak heap {r['peak_heap_mib']:.0f} MiB" if r["peak_heap_mib"] is not None else "")
                           + f", loss1 {r['loss1']:.6f} "
