@@ -262,7 +262,9 @@ def run_ours(spec):
         result["peak_memory_mib"], result["peak_reserved_mib"] = peak_memory_mib(spec["device"]), peak_reserved_mib(spec["device"])
 
     dpo.collate_batch, dpo.make_optimizer, dpo.precompute_reference = counting_collate, clocked_make_optimizer, clocked_precompute
-    dpo.checkpoints.save_model, dpo.checks.plot_curves = done, lambda *a: None
+    from harness import checkpoints, checks  # (harness/run.py's finish calls these after the last step)
+
+    checkpoints.save_model, checks.plot_curves = done, lambda *a: None
     out = Path(spec["out"])
     argv = ["--model", spec["model"], "--dataset", spec["data_ours"], "--output_dir", str(out),
             "--max_steps", str(spec["steps"]), "--per_device_train_batch_size", str(spec["batch_size"]),
