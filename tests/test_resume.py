@@ -98,8 +98,8 @@ def test_a_changed_option_on_resume_is_refused_or_stated(tiny, tmp_path, capsys)
     assert "resume: --learning_rate changed from 0.01 to 0.005: applied from step 2 on" in printed
     config = json.loads((out / "config.json").read_text())
     assert (config["logging_steps"], config["learning_rate"]) == (1, 5e-3)
-    lrs = [r["learning_rate"] for r in records(out) if "loss" in r]  # linear decay to 0 over 4 steps, logged at 2, 3, 4
-    assert lrs == pytest.approx([1e-2 * 2 / 4, 5e-3 * 1 / 4, 0.0])
+    lrs = [r["learning_rate"] for r in records(out) if "loss" in r]  # the rates steps 2, 3, 4 used: 3/4, 2/4, 1/4
+    assert lrs == pytest.approx([1e-2 * 3 / 4, 5e-3 * 2 / 4, 5e-3 * 1 / 4])
 
 
 def test_a_fresh_run_never_clobbers_a_used_output_dir(tiny, tmp_path):
