@@ -53,6 +53,7 @@ class Run:
             self.window = {k: [torch.tensor(x, device=device) for x in v] for k, v in state.get("window", {}).items()}
             checks.set_peak_learning_rate(scheduler, cfg.learning_rate)  # a --learning_rate changed on resume
             print(f"resumed from {checkpoint} at step {self.step}")
+        checkpoints.start_line(self.out, checkpoint)  # what `latest` follows and --save_total_limit prunes
         self.metrics_file = self.out / "metrics.jsonl"
         kept = [r for r in checkpoints.read_metrics(self.metrics_file) if r["step"] <= self.step]
         self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))  # what came after the checkpoint goes
