@@ -11,6 +11,7 @@ algorithm can skip this file and lose nothing of DPO.
             run.checkpoint_if_due()
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import signal
@@ -181,6 +182,9 @@ def finish(cfg, model, tokenizer, eval_set, ref_model, load_reference, completio
         from demo.sentiment import sentiment_score as reward_fn
     if ref_model is None and (cfg.ref_model or not cfg.use_peft):  # freed after precompute: reload the run's one
         ref_model = load_reference()
+    # under the run's autocast, as in training: a QLoRA model's fp32 norms feed a bf16 LM head
+    autocast = functools.partial(torch.autocast, next(model.parameters()).device.type, dtype=torch.bfloat16,
+                                 enabled=cfg.bf16)
     result = sample_eval(model, tokenizer, prompts, score=lambda m, batch: completion_logps(m, batch)[0],
-                         reference=ref_model, reward_fn=reward_fn, seed=cfg.seed)
+                         reference=ref_model, reward_fn=reward_fn, seed=cfg.seed, autocast=autocast)
     (out / "sample_eval.json").write_text(json.dumps(result, indent=1))
