@@ -413,7 +413,8 @@ def main(cfg: Config):
                 with torch.no_grad():
                     for p_ref, p in zip(ref_model.parameters(), model.parameters()):
                         p_ref.lerp_(p.to(p_ref.dtype), cfg.ref_model_mixup_alpha)
-            r.end_step(step_loss, grad_norm, scheduler.get_last_lr()[0])  # the log line, when due
+            # the log line, when due, with the rate this step used (TRL's: read before scheduler.step())
+            r.end_step(step_loss, grad_norm, scheduler.base_lrs[0] * scheduler.lr_lambdas[0](r.step))
             if eval_set and r.eval_due():
                 r.log(evaluate(cfg, model, ref_model, eval_set, pad_id, autocast))
             r.checkpoint_if_due()

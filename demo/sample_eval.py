@@ -20,11 +20,15 @@ sample from the policy and from the reference, then report
 
 Both models sample with the same seed, so identical models give identical samples (win rate 1/2, KL 0) and
 different models are compared on common random numbers. The global RNG state is restored afterwards.
+
+Memory stays bounded on a large vocabulary: generation computes the logits of the last position only (transformers'
+`logits_to_keep=1`, with the KV cache), and scoring projects only completion positions through the LM head, in chunks
+(the trainer's `completion_logps`); tests/test_sample_eval.py measures both against the vocabulary size.
 """
+import contextlib
 
 import torch
 from transformers import GenerationConfig
-
 
 
 def _prompt_ids(tokenizer, prompt):
@@ -95,12 +99,24 @@ def sequence_logps(model, prompt_ids, completion_ids, *, score, pad_id=0, batch_
     return logps
 
 
+def _sample_and_score(policy, reference, tokenizer, prompt_ids, score, pad_id, seed, batch_size, kwargs):
+    """Samples of both models on common random numbers, and the policy's samples scored by both."""
+    policy_ids = generate(policy, tokenizer, prompt_ids, seed=seed, **kwargs)
+    policy_logps = sequence_logps(policy, prompt_ids, policy_ids, score=score, pad_id=pad_id, batch_size=batch_size)
+    with policy.disable_adapter() if reference is None else contextlib.nullcontext():
+        reference = policy if reference is None else reference  # (None: the policy with its adapters off)
+        reference_ids = generate(reference, tokenizer, prompt_ids, seed=seed, **kwargs)
+        reference_logps = sequence_logps(reference, prompt_ids, policy_ids, score=score, pad_id=pad_id,
+                                         batch_size=batch_size)
+    return policy_ids, reference_ids, policy_logps, reference_logps
+
+
 def _show(prompt):
     return prompt if isinstance(prompt, str) else prompt[-1]["content"]
 
 
 def sample_eval(policy, tokenizer, prompts, *, score, reference=None, reward_fn=None, num_samples=1, max_new_tokens=48,
-                temperature=1.0, seed=0, show=3, batch_size=32) -> dict:
+                temperature=1.0, seed=0, show=3, batch_size=32, autocast=contextlib.nullcontext) -> dict:
     """Sample `num_samples` completions per prompt from `policy` and from `reference`, print `show` of them side
     by side and a summary, and return {"reward_reference", "reward_policy", "win_rate", "kl", "length_reference",
     "length_policy", "samples"}. The rewards and the win rate are None without `reward_fn`. Each sample is a dict
@@ -112,6 +128,9 @@ def sample_eval(policy, tokenizer, prompts, *, score, reference=None, reward_fn=
     reference: a separate model, or None for the PEFT policy itself with its adapters disabled.
     reward_fn: text -> float, called on the decoded prompt + completion (for the shipped task:
         sentiment.sentiment_score, which scores the whole review).
+    autocast: a context manager factory, the training run's autocast (dpo.py passes its bf16 one): generation and
+        scoring run under it, as training did. Needed where the model mixes dtypes, as a QLoRA model does (fp32
+        norms, a bf16 LM head).
     """
     if reference is None and not hasattr(policy, "disable_adapter"):
         raise ValueError("sample_eval: reference=None means 'the policy with its adapters disabled', but the policy is "
@@ -128,15 +147,9 @@ def sample_eval(policy, tokenizer, prompts, *, score, reference=None, reward_fn=
         if m is not None:
             m.eval()
     try:
-        policy_ids = generate(policy, tokenizer, prompt_ids, seed=seed, **kwargs)
-        policy_logps = sequence_logps(policy, prompt_ids, policy_ids, score=score, pad_id=pad_id, batch_size=batch_size)
-        if reference is None:
-            with policy.disable_adapter():
-                reference_ids = generate(policy, tokenizer, prompt_ids, seed=seed, **kwargs)
-                reference_logps = sequence_logps(policy, prompt_ids, policy_ids, score=score, pad_id=pad_id, batch_size=batch_size)
-        else:
-            reference_ids = generate(reference, tokenizer, prompt_ids, seed=seed, **kwargs)
-            reference_logps = sequence_logps(reference, prompt_ids, policy_ids, score=score, pad_id=pad_id, batch_size=batch_size)
+        with autocast():
+            policy_ids, reference_ids, policy_logps, reference_logps = _sample_and_score(
+                policy, reference, tokenizer, prompt_ids, score, pad_id, seed, batch_size, kwargs)
     finally:
         for name, training in was_training.items():
             models[name].train(training)

@@ -42,7 +42,7 @@ def check_model_path(option: str, name: str):
 # The output folder
 
 RUN_FILES = ("config.json", "metrics.jsonl", "curves.png", "sample_eval.json", "model", "merged",  # what a run writes
-             "tensorboard", "wandb", "tracker.json")  # (trackers.py)
+             "tensorboard", "wandb", "tracker.json", "line.json")  # (trackers.py, checkpoints.py)
 
 
 def run_entries(out: Path) -> list[Path]:

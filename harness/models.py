@@ -38,17 +38,47 @@ def logits_from_hidden(model, hidden):
 
 @torch.no_grad()
 def check_head(model):
-    """Refuse a model whose own forward makes other logits than logits_from_hidden (a family or remote code this file
-    does not know): its log-probs would be silently wrong. Costs one 8-token forward at the start of a run."""
-    ids, was_training = torch.arange(8, device=model.device)[None] % model.config.get_text_config().vocab_size, model.training
+    """Refuse, in one line before training, a model dpo.py cannot train: one whose get_decoder() is not its
+    decoder (transformers' Llama4ForCausalLM and MllamaForCausalLM return the whole model,
+    ModernBertDecoderForCausalLM its LM head), whose decoder fails on the call dpo.completion_logps makes,
+    or whose own forward makes other logits than logits_from_hidden (a family or remote code this file does
+    not know): its log-probs would be silently wrong. Costs one 8-token forward at the start of a run."""
+    c = model.config.get_text_config()
+    ids, was_training = torch.arange(8, device=model.device)[None] % c.vocab_size, model.training
     mask = torch.ones_like(ids)  # (without one, a model whose pad id is among the 8 warns about padding)
+    name = f"{c.model_type} ({type(model).__name__})"
     model.eval()  # no dropout: both passes must see the same net
-    theirs = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()
-    ours = logits_from_hidden(model, model.get_decoder()(input_ids=ids, attention_mask=mask, use_cache=False)[0][0])
-    model.train(was_training)
-    if ours.shape != theirs.shape or (ours - theirs).abs().max() > 0.02 * theirs.abs().max() + 1e-4:  # bf16 slack
-        raise RunError(f"{model.config.model_type} ({type(model).__name__}) makes its logits in a way "
-                            "dpo.py does not reproduce; add its step to families.logits_from_hidden (and tests/test_model_families.py)")
+    try:
+        theirs = refuse_on_failure(name, "its own forward fails on 8 tokens", lambda: model(
+            input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float())
+        decoder = refuse_on_failure(name, "its get_decoder() fails", model.get_decoder)
+        if decoder is model or not isinstance(decoder, torch.nn.Module):
+            returned = "the whole model" if decoder is model else repr(decoder)
+            raise RunError(f"{name}: its get_decoder() returns {returned}, not the decoder whose hidden "
+                           "states dpo.py turns into log-probs; dpo.py cannot train it: use another model "
+                           "(or TRL's DPOTrainer)")
+        ours = refuse_on_failure(
+            name, "its decoder fails on the call dpo.py makes (get_decoder()(input_ids, attention_mask, "
+            "use_cache=False), then the LM head)", lambda: logits_from_hidden(
+                model, decoder(input_ids=ids, attention_mask=mask, use_cache=False)[0][0]))
+    finally:
+        model.train(was_training)
+    if ours.shape != theirs.shape or (ours - theirs).abs().max() > 0.02 * theirs.abs().max() + 1e-4:  # bf16
+        raise RunError(f"{name} makes its logits in a way dpo.py does not reproduce; add its step to "
+                       "harness/models.py's logits_from_hidden (and tests/test_model_families.py)")
+
+
+def refuse_on_failure(name, what, compute):
+    """compute(), with an error of the model's own code turned into a one-line refusal (a model that fails
+    here would fail at the first step, with a traceback). Running out of GPU memory is not the model's."""
+    try:
+        return compute()
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except Exception as err:
+        detail = " ".join(f"{type(err).__name__}: {err}".split())[:160]
+        raise RunError(f"{name}: {what} ({detail}); dpo.py cannot train it: use another model (or TRL's "
+                       "DPOTrainer)") from None
 
 
 def router_aux_loss(model, router_logits, attention_mask):

@@ -11,6 +11,7 @@ algorithm can skip this file and lose nothing of DPO.
             run.checkpoint_if_due()
 """
 import dataclasses
+import functools
 import hashlib
 import json
 import signal
@@ -53,6 +54,7 @@ class Run:
             self.window = {k: [torch.tensor(x, device=device) for x in v] for k, v in state.get("window", {}).items()}
             checks.set_peak_learning_rate(scheduler, cfg.learning_rate)  # a --learning_rate changed on resume
             print(f"resumed from {checkpoint} at step {self.step}")
+        checkpoints.start_line(self.out, checkpoint)  # what `latest` follows and --save_total_limit prunes
         self.metrics_file = self.out / "metrics.jsonl"
         kept = [r for r in checkpoints.read_metrics(self.metrics_file) if r["step"] <= self.step]
         self.metrics_file.write_text("".join(json.dumps(r) + "\n" for r in kept))  # what came after the checkpoint goes
@@ -180,6 +182,9 @@ def finish(cfg, model, tokenizer, eval_set, ref_model, load_reference, completio
         from demo.sentiment import sentiment_score as reward_fn
     if ref_model is None and (cfg.ref_model or not cfg.use_peft):  # freed after precompute: reload the run's one
         ref_model = load_reference()
+    # under the run's autocast, as in training: a QLoRA model's fp32 norms feed a bf16 LM head
+    autocast = functools.partial(torch.autocast, next(model.parameters()).device.type, dtype=torch.bfloat16,
+                                 enabled=cfg.bf16)
     result = sample_eval(model, tokenizer, prompts, score=lambda m, batch: completion_logps(m, batch)[0],
-                         reference=ref_model, reward_fn=reward_fn, seed=cfg.seed)
+                         reference=ref_model, reward_fn=reward_fn, seed=cfg.seed, autocast=autocast)
     (out / "sample_eval.json").write_text(json.dumps(result, indent=1))

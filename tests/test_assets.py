@@ -267,7 +267,7 @@ def test_sample_eval_peft_reference_is_the_base_model(model, tokenizer):
     assert [s["reference"] for s in with_none["samples"]] == [s["reference"] for s in with_base["samples"]]
     assert with_none["kl"] == pytest.approx(with_base["kl"], abs=1e-4) and with_none["kl"] != pytest.approx(0.0, abs=1e-3)
     with pytest.raises(ValueError, match="not a PEFT model"):
-        sample_eval(model, tokenizer, ["the plot was"])
+        sample_eval(model, tokenizer, ["the plot was"], score=SCORE)
 
 
 def test_sample_eval_kl_against_uniform_reference(model, tokenizer):
