@@ -368,8 +368,8 @@ def main(cfg: Config):
     for option, m in (("--model", model), ("--ref_model", cfg.ref_model and ref_model)):
         checks.check_positions(option, m, train_set + eval_set, cfg)  # the longest row fits its positions
     if cfg.prefix_sharing:  # same numbers, less work, where proven exact: speedups/prefix_sharing.py
-        cfg.prefix_sharing = prefix_sharing.exact(cfg, (model, cfg.ref_model and ref_model), train_set + eval_set,
-                                                  pad_id, completion_logps)
+        cfg.prefix_sharing = prefix_sharing.exact(cfg, (model, cfg.ref_model and ref_model),
+                                                  train_set + eval_set, pad_id, completion_logps)
     print(models.count_trainable(model))
     checks.write_config(cfg, Path(cfg.output_dir), resumed=checkpoint is not None)  # options, data, models ok
     if cfg.precompute_ref_log_probs and "ref_chosen_logps" not in train_set[0]:  # (else: given in the data)
@@ -406,6 +406,7 @@ def main(cfg: Config):
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, max_norm)
             if not torch.isfinite(grad_norm):  # stop before the optimizer writes inf/NaN into the weights
                 raise FloatingPointError(f"non-finite gradient norm ({float(grad_norm)}) at step {r.step+1}")
+            learning_rate = scheduler.get_last_lr()[0]  # the rate this step uses: the one TRL logs
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -413,8 +414,7 @@ def main(cfg: Config):
                 with torch.no_grad():
                     for p_ref, p in zip(ref_model.parameters(), model.parameters()):
                         p_ref.lerp_(p.to(p_ref.dtype), cfg.ref_model_mixup_alpha)
-            # the log line, when due, with the rate this step used (TRL's: read before scheduler.step())
-            r.end_step(step_loss, grad_norm, scheduler.base_lrs[0] * scheduler.lr_lambdas[0](r.step))
+            r.end_step(step_loss, grad_norm, learning_rate)  # the log line, when due
             if eval_set and r.eval_due():
                 r.log(evaluate(cfg, model, ref_model, eval_set, pad_id, autocast))
             r.checkpoint_if_due()
