@@ -10,23 +10,24 @@ what is wrong, where, what to do (and the last intact checkpoint when a write fa
                                    ref_model.safetensors  the reference, only with --sync_ref_model (TR-DPO moves it)
                                    optimizer.pt           optimizer and scheduler state, read with weights_only=True
                                    rng.safetensors        the CPU (and CUDA) random state
-                                   trainer_state.json     the loop's own state (global_step, ...), from the caller,
-                                                          and the checkpoint's place in its line (below)
+                                   trainer_state.json     the loop's own state (global_step, ...), from the
+                                                          caller, and the checkpoint's place in its line
                                    manifest.json          {"files": {name: {"size", "sha256"}}}, written last
     output_dir/line.json           the line of checkpoints the run writing there continues
 
 A checkpoint without manifest.json (written by dpo.py before manifests) is loaded when named explicitly, with a
 printed note that its files cannot be verified; `latest` only picks checkpoints with a manifest.
 
-Lines. Resuming from an earlier checkpoint (a rollback, say with a lower learning rate) abandons what the first run
-saved after it: checkpoint-8 of the abandoned run is not the past of the new one, though its step is higher. So each
-checkpoint records its id and its line, the checkpoints it continues, oldest first (trainer_state.json:
-"checkpoint_id", "line": [{"step", "id"}, ...]; the last one is its parent), and output_dir/line.json holds the line
-of the run that writes there now: set when the run starts (empty for a fresh run; the checkpoint resumed from and its
-line for a resumed one), extended at each save. `latest` is the newest checkpoint of that line, and
---save_total_limit deletes only that line's older checkpoints, never the one just saved, nor another line's. A
-folder counts as a line's checkpoint only when its recorded id is the one the line names (a later run may have
-saved the same step again). An output_dir without line.json (an older dpo.py) keeps the rule by step number.
+Lines. Resuming from an earlier checkpoint (a rollback, say with a lower learning rate) abandons what the
+first run saved after it: checkpoint-8 of the abandoned run is not the past of the new one, though its step is
+higher. So each checkpoint records its id and its line, the checkpoints it continues, oldest first
+(trainer_state.json: "checkpoint_id", "line": [{"step", "id"}, ...]; the last one is its parent), and
+output_dir/line.json holds the line of the run that writes there now: set when the run starts (empty for a
+fresh run; the checkpoint resumed from and its line for a resumed one), extended at each save. `latest` is the
+newest checkpoint of that line, and --save_total_limit deletes only that line's older checkpoints, never the
+one just saved, nor another line's. A folder counts as a line's checkpoint only when its recorded id is the
+one the line names (a later run may have saved the same step again). An output_dir without line.json (an older
+dpo.py) keeps the rule by step number.
 """
 import copy
 import errno
@@ -62,11 +63,12 @@ def checkpoint_folders(output_dir) -> list[Path]:
 
 
 def last_intact(output_dir):
-    """The newest checkpoint of the current line whose manifest lists files that are all there with their sizes
-    (None if none). Sizes only: hashing every checkpoint would take minutes for large ones; load_checkpoint checks
-    the hashes."""
+    """The newest checkpoint of the current line whose manifest lists files that are all there with their
+    sizes (None if none). Sizes only: hashing every checkpoint would take minutes for large ones;
+    load_checkpoint checks the hashes."""
     line = read_line(output_dir)
-    for folder in reversed(checkpoint_folders(output_dir) if line is None else line_folders(output_dir, line)):
+    folders = checkpoint_folders(output_dir) if line is None else line_folders(output_dir, line)
+    for folder in reversed(folders):
         if manifest_problem(folder, hashes=False) is None:
             return folder
     return None
@@ -77,8 +79,8 @@ def last_intact(output_dir):
 
 def save_checkpoint(output_dir, step, model, ref_model, optimizer, scheduler, trainer_state: dict,
                     save_total_limit=None, sync_ref_model=False) -> Path:
-    """Write output_dir/checkpoint-<step> atomically as the next checkpoint of output_dir's line, and return its
-    path; keep that line's newest save_total_limit."""
+    """Write output_dir/checkpoint-<step> atomically as the next checkpoint of output_dir's line, and return
+    its path; keep that line's newest save_total_limit."""
     out = Path(output_dir)
     line = [e for e in read_line(out) or [] if e["step"] < step]  # (the same step saved again replaces it)
     entry = {"step": step, "id": uuid.uuid4().hex[:16]}
@@ -127,12 +129,12 @@ def save_checkpoint(output_dir, step, model, ref_model, optimizer, scheduler, tr
     return final
 
 
-# ---- lines -----------------------------------------------------------------------------------------------------
+# ---- lines ---------------------------------------------------------------------------------------------
 
 
 def start_line(output_dir, checkpoint):
-    """At the start of a run, output_dir's line: empty for a fresh run; a resumed run continues its checkpoint's
-    line (the checkpoints it continues, then itself)."""
+    """At the start of a run, output_dir's line: empty for a fresh run; a resumed run continues its
+    checkpoint's line (the checkpoints it continues, then itself)."""
     line = []
     if checkpoint is not None:
         state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
@@ -141,7 +143,7 @@ def start_line(output_dir, checkpoint):
 
 
 def read_line(output_dir):
-    """output_dir/line.json's checkpoints, oldest first; None when there is none (written by an older dpo.py)."""
+    """output_dir/line.json's checkpoints, oldest first; None without one (a folder of an older dpo.py)."""
     path = Path(output_dir) / LINE
     try:
         line = json.loads(path.read_text())["line"]
@@ -149,8 +151,8 @@ def read_line(output_dir):
     except FileNotFoundError:
         return None
     except (ValueError, KeyError, TypeError) as err:  # written atomically: only a hand edit can break it
-        raise CheckpointError(f"{path} is not a line of checkpoints ({type(err).__name__}: {err}), in {path.parent}; "
-                              "delete it, and name the checkpoint to resume from") from None
+        raise CheckpointError(f"{path} is not a line of checkpoints ({type(err).__name__}: {err}), in "
+                              f"{path.parent}; delete it, and name the checkpoint to resume from") from None
 
 
 def write_line(output_dir, line):
@@ -175,8 +177,8 @@ def belongs(folder: Path, entry: dict):
 
 
 def line_folders(output_dir, line) -> list[Path]:
-    """The checkpoints of a line still in output_dir, oldest first; a damaged one too, for load_checkpoint to name
-    what is wrong with it rather than a resume silently going back to an older one."""
+    """The checkpoints of a line still in output_dir, oldest first; a damaged one too, for load_checkpoint to
+    name what is wrong with it rather than a resume silently going back to an older one."""
     folders = [Path(output_dir) / f"checkpoint-{e['step']}" for e in line]
     return [f for f, e in zip(folders, line) if belongs(f, e) is not False]
 
@@ -282,8 +284,8 @@ def write_error(err, tmp: Path, final: Path, output_dir):
 
 
 def find_checkpoint(output_dir, spec) -> Path:
-    """spec 'latest': the newest checkpoint with a manifest of output_dir's line (without line.json: the highest
-    checkpoint-<step> with a manifest); else spec is the folder."""
+    """spec 'latest': the newest checkpoint with a manifest of output_dir's line (without line.json: the
+    highest checkpoint-<step> with a manifest); else spec is the folder."""
     if spec != "latest":
         path = Path(spec)
         if not path.is_dir():
@@ -300,8 +302,9 @@ def find_checkpoint(output_dir, spec) -> Path:
         if found:
             return found[-1]
         names = ", ".join(f"checkpoint-{e['step']}" for e in line)
-        raise CheckpointError(f"--resume_from_checkpoint latest: no checkpoint of the line the last run continued "
-                              f"({names}) is left whole, in {output_dir}; {choose_from(output_dir)}")
+        raise CheckpointError(f"--resume_from_checkpoint latest: no checkpoint of the line the last run "
+                              f"continued ({names}) is left whole, in {output_dir}; "
+                              + choose_from(output_dir))
     found = [p for p in checkpoint_folders(output_dir) if (p / MANIFEST).is_file()]
     if found:
         return found[-1]

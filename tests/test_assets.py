@@ -1,4 +1,5 @@
-"""The shipped assets (demo/assets/), the ground-truth reward (sentiment.py) and the sampling evaluation (sample_eval.py)."""
+"""The shipped assets (demo/assets/), the ground-truth reward (sentiment.py) and the sampling evaluation
+(sample_eval.py)."""
 
 import copy
 import importlib.util

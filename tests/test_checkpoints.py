@@ -50,7 +50,8 @@ def test_manifest_lists_every_file_and_a_load_restores_everything(tmp_path):
         assert entry["sha256"] == checkpoints.sha256(path / name)
     fresh, fresh_opt, fresh_sched = tiny_state(seed=1)
     loaded = checkpoints.load_checkpoint(path, fresh, None, fresh_opt, fresh_sched)
-    assert loaded == {**trainer_state, "checkpoint_id": loaded["checkpoint_id"], "line": []}  # the first of its line
+    # the first checkpoint of its line
+    assert loaded == {**trainer_state, "checkpoint_id": loaded["checkpoint_id"], "line": []}
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
     assert fresh_opt.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
@@ -66,7 +67,7 @@ def test_saving_a_step_again_replaces_its_checkpoint_whole(tmp_path):
         model.lm_head.weight.add_(1.0)
     path = save(tmp_path, 2, state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "line.json"]
-    assert [e["step"] for e in checkpoints.read_line(tmp_path)] == [2]  # the new one replaces the old in the line
+    assert [e["step"] for e in checkpoints.read_line(tmp_path)] == [2]  # the new one replaces the old one
     fresh, fresh_optimizer, fresh_scheduler = tiny_state(seed=1)
     checkpoints.load_checkpoint(path, fresh, None, fresh_optimizer, fresh_scheduler)
     assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
@@ -121,14 +122,14 @@ def names(out):
 
 def test_latest_and_pruning_follow_the_line_after_a_rollback(tmp_path):
     """A first run saves checkpoint-2..8; a second resumes from checkpoint-4 (a rollback) and saves 5 and 6 (6
-    replaces the first run's). `latest` is the second run's newest, never the abandoned checkpoint-8; pruning to 2
-    deletes the second run's older checkpoints (2 and 4, which it continues) and keeps the abandoned 8, where pruning
-    by step number deleted the run's own checkpoint-5 and kept 8."""
+    replaces the first run's). `latest` is the second run's newest, never the abandoned checkpoint-8;
+    pruning to 2 deletes the second run's older checkpoints (2 and 4, which it continues) and keeps the
+    abandoned 8, where pruning by step number deleted the run's own checkpoint-5 and kept 8."""
     state = tiny_state()
     for step in (2, 4, 6, 8):
         save(tmp_path, step, state)
-    checkpoints.start_line(tmp_path, tmp_path / "checkpoint-4")  # what a run resumed from checkpoint-4 does first
-    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-4"  # (interrupted before a save)
+    checkpoints.start_line(tmp_path, tmp_path / "checkpoint-4")  # what a run resumed from 4 does first
+    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-4"  # (stopped before a save)
     assert checkpoints.last_intact(tmp_path).name == "checkpoint-4"
     save(tmp_path, 5, state, save_total_limit=2)
     assert names(tmp_path) == ["checkpoint-4", "checkpoint-5", "checkpoint-6", "checkpoint-8"]
@@ -136,10 +137,10 @@ def test_latest_and_pruning_follow_the_line_after_a_rollback(tmp_path):
     assert names(tmp_path) == ["checkpoint-5", "checkpoint-6", "checkpoint-8"]
     assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-6"
     second_line = json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())["line"]
-    assert [e["step"] for e in second_line] == [4, 5]  # its parent is checkpoint-5, whose parent is checkpoint-4
+    assert [e["step"] for e in second_line] == [4, 5]  # its parent is checkpoint-5, whose parent is 4
 
-    # Back to the abandoned line, by name: its checkpoint-6 is now the other line's (another id), so it is neither
-    # picked nor pruned; that line's own checkpoint-8 is pruned once two newer ones exist.
+    # Back to the abandoned line, by name: its checkpoint-6 is now the other line's (another id), so it is
+    # neither picked nor pruned; that line's own checkpoint-8 is pruned once a newer one exists.
     checkpoints.start_line(tmp_path, tmp_path / "checkpoint-8")
     assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-8"
     save(tmp_path, 9, state, save_total_limit=1)
@@ -155,8 +156,8 @@ def test_a_line_whose_checkpoints_are_gone_is_said_so(tmp_path):
     for step in (2, 3):
         checkpoints.shutil.rmtree(tmp_path / f"checkpoint-{step}")
     with pytest.raises(CheckpointError, match=r"latest: no checkpoint of the line the last run continued "
-                                              r"\(checkpoint-2, checkpoint-3\) is left whole, in .*; resume from an "
-                                              r"intact one: --resume_from_checkpoint .*checkpoint-4"):
+                                              r"\(checkpoint-2, checkpoint-3\) is left whole, in .*; resume "
+                                              r"from an intact one: --resume_from_checkpoint .*checkpoint-4"):
         checkpoints.find_checkpoint(tmp_path, "latest")
 
 

@@ -225,8 +225,8 @@ def test_sample_eval_gets_the_trained_prompt_ids_and_the_runs_reference(tiny, tm
 # ---- logging as TRL does ------------------------------------------------------------------------------------------
 
 def test_learning_rate_is_logged_as_the_rate_the_step_used(tiny, tmp_path):
-    """TRL logs the rate read before the scheduler steps, the one the step used: with 2 warmup steps, 0, 1/2, 1 times
-    the peak (tests/test_lr_trl_parity.py compares with TRL's own log)."""
+    """TRL logs the rate read before the scheduler steps, the one the step used: with 2 warmup steps, 0, 1/2,
+    1 times the peak (tests/test_lr_trl_parity.py compares with TRL's own log)."""
     dpo.main(config(tiny, tmp_path, "--max_steps", "3", "--warmup_steps", "2", "--lr_scheduler_type", "constant"))
     assert [r["learning_rate"] for r in records(tmp_path) if "loss" in r] == pytest.approx([0.0, 5e-3, 1e-2])
 

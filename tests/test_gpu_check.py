@@ -1,7 +1,8 @@
-"""bench/gpu_check.sh leaves no process behind: a part that times out goes with all its children (a hung dpo.py
-under gpu_check.py would otherwise keep the GPU), so does a child that a finished part left, and so does the part
-running when the script itself is stopped. The parts here are a stand-in for the Python interpreter (PYTHON=...), so
-nothing is trained: part (a) exits at once leaving a child, part (b) hangs with a grandchild, all ignoring SIGTERM."""
+"""bench/gpu_check.sh leaves no process behind: a part that times out goes with all its children (a hung
+dpo.py under gpu_check.py would otherwise keep the GPU), so does a child that a finished part left, and so
+does the part running when the script itself is stopped. The parts here are a stand-in for the Python
+interpreter (PYTHON=...), so nothing is trained: part (a) exits at once leaving a child, part (b) hangs
+with a grandchild, all ignoring SIGTERM."""
 import os
 import signal
 import subprocess
@@ -79,8 +80,10 @@ def test_stopping_the_script_stops_the_running_part(fake_python, tmp_path):
 
 
 def test_empty_arrays_are_expanded_for_bash_4_2():
-    """bash before 4.4 calls "${A[@]}" of an empty array unbound under set -u; every array is expanded guarded."""
+    """bash before 4.4 calls "${A[@]}" of an empty array unbound under set -u: every array is expanded
+    guarded."""
     text = SCRIPT.read_text()
     assert "set -u" in text or "set -uo" in text
-    bare = [line for line in text.splitlines() if '"${' in line and '[@]}"' in line and '[@]+"${' not in line]
+    code = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    bare = [line for line in code if '"${' in line and '[@]}"' in line and '[@]+"${' not in line]
     assert bare == []

@@ -1,6 +1,6 @@
-"""--sample_eval at the end of a run: it finishes on a QLoRA model in bf16 (generation and scoring under the run's
-autocast), and its memory stays bounded on a large vocabulary (demo/sample_eval.py; tests/test_assets.py checks
-what it computes)."""
+"""--sample_eval at the end of a run: it finishes on a QLoRA model in bf16 (generation and scoring under the
+run's autocast), and its memory stays bounded on a large vocabulary (demo/sample_eval.py; tests/test_assets.py
+checks what it computes)."""
 import json
 import math
 import weakref
@@ -15,23 +15,25 @@ from tiny import make_tokenizer, run_config
 
 
 def test_qlora_bf16_run_with_sample_eval_finishes(tiny, tmp_path):
-    """The GPU default (bf16) with QLoRA: peft keeps the norms in fp32 and the LM head is bf16, so outside autocast
-    generation failed with `expected m1 and m2 to have the same dtype`. Tested through CPU bf16 and bitsandbytes'
-    CPU NF4. The policy's samples get finite log-probs under both models, and a LoRA policy after 2 steps is close
-    to its base: the KL estimate is small."""
-    cfg = run_config(tiny, tmp_path, "--load_in_4bit", "--bf16", "True", "--max_steps", "2", "--sample_eval", "4")
+    """The GPU default (bf16) with QLoRA: peft keeps the norms in fp32 and the LM head is bf16, so outside
+    autocast generation failed with `expected m1 and m2 to have the same dtype`. Tested through CPU bf16 and
+    bitsandbytes' CPU NF4. The policy's samples get finite log-probs under both models, and a LoRA policy
+    after 2 steps is close to its base: the KL estimate is small."""
+    cfg = run_config(tiny, tmp_path, "--load_in_4bit", "--bf16", "True", "--max_steps", "2",
+                     "--sample_eval", "4")
     dpo.main(cfg)
     result = json.loads((tmp_path / "sample_eval.json").read_text())
     assert len(result["samples"]) == 4
     for s in result["samples"]:
-        assert math.isfinite(s["policy_logp"]) and math.isfinite(s["reference_logp"]) and s["policy_tokens"] >= 1
+        assert math.isfinite(s["policy_logp"]) and math.isfinite(s["reference_logp"])
+        assert s["policy_tokens"] >= 1
     assert abs(result["kl"]) < 1.0
 
 
 class PeakMemory(TorchDispatchMode):
-    """The peak of the bytes held by tensors that torch operations create while it is on (the model's weights, made
-    before, are not counted), and the largest single one. A storage is counted once, however many views share it,
-    until the last tensor on it is freed."""
+    """The peak of the bytes held by tensors that torch operations create while it is on (the model's weights,
+    made before, are not counted), and the largest single one. A storage is counted once, however many views
+    share it, until the last tensor on it is freed."""
 
     def __init__(self):
         super().__init__()
@@ -62,12 +64,13 @@ B, PROMPT, NEW, CHUNK = 32, 100, 32, 256  # rows, prompt tokens, sampled tokens,
 
 
 def peaks(vocab_size, chunk_tokens=CHUNK, lora=False):
-    """Peak bytes of generating B completions, then of scoring them, with a tiny Llama of this vocabulary (with
-    lora: wrapped by peft, as dpo.py's policy is; its generate goes through the wrapper)."""
+    """Peak bytes of generating B completions, then of scoring them, with a tiny Llama of this vocabulary
+    (with lora: wrapped by peft, as dpo.py's policy is; its generate goes through the wrapper)."""
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=2, eos_token_id=3, pad_token_id=0)).eval()
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
     if lora:
         from peft import LoraConfig, get_peft_model
 
@@ -81,12 +84,12 @@ def peaks(vocab_size, chunk_tokens=CHUNK, lora=False):
     return generation.peak, scoring.peak, sum(map(len, completions))
 
 
-def test_memory_grows_like_a_chunk_times_the_vocabulary_not_the_batch(monkeypatch):
+def test_memory_grows_like_a_chunk_times_the_vocabulary_not_the_batch():
     """From a 1k to a 32k vocabulary, the peak of generation and of scoring grows by at most two [256, V] fp32
-    tensors (65 MB), where full logits of the batch, B x T x V in fp32, would add 553 MB (and 17.6 GB for 32 rows of
-    a 1,024-token prompt and 48 samples with Llama-3's 128,256 tokens). Generation keeps the last position's logits;
-    scoring projects completion tokens only, 256 at a time. Scoring in one chunk of all completion tokens is
-    measured too, to show the measure sees the difference."""
+    tensors (65 MB), where full logits of the batch, B x T x V in fp32, would add 553 MB (and 17.6 GB for 32
+    rows of a 1,024-token prompt and 48 samples with Llama-3's 128,256 tokens). Generation keeps the last
+    position's logits; scoring projects completion tokens only, 256 at a time. Scoring all completion tokens
+    in one chunk is measured too, to show that the measure sees the difference."""
     small, large = 1024, 32768
     bound = 2 * CHUNK * (large - small) * 4
     (gen_small, score_small, _), (gen_large, score_large, scored) = peaks(small), peaks(large)
