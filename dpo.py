@@ -368,7 +368,7 @@ def main(cfg: Config):
     for option, m in (("--model", model), ("--ref_model", cfg.ref_model and ref_model)):
         checks.check_positions(option, m, train_set + eval_set, cfg)  # the longest row fits its positions
     if cfg.prefix_sharing:  # same numbers, less work, where proven exact: speedups/prefix_sharing.py
-        cfg.prefix_sharing = prefix_sharing.exact(cfg, (model, ref_model), train_set, pad_id,
+        cfg.prefix_sharing = prefix_sharing.exact(cfg, (model, ref_model), train_set + eval_set, pad_id,
                                                   completion_logps)
     print(models.count_trainable(model))
     checks.write_config(cfg, Path(cfg.output_dir), resumed=checkpoint is not None)  # options, data, models ok

@@ -1,0 +1,86 @@
+"""Every causal-LM class of the installed transformers, built tiny from a generic config, through prefix sharing's
+decision: the rules (structural_problem), the numeric check on a narrow fp32 copy (numeric_problem), and the model
+itself compared both ways (layout_differences). The line to look for is KEPT with the model itself differing: there
+should be none. docs/prefix_sharing.md reports a run.
+
+    python bench/prefix_sharing_sweep.py              # all (about 25 minutes on 1 CPU thread)
+    python bench/prefix_sharing_sweep.py llama mpt    # some model types
+
+Each model type runs in its own process (some allocate a lot, a few hang); a class that does not build from the
+generic config is listed as such: that is the sweep's limit, not a verdict.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+GENERIC = dict(head_dim=8, initializer_range=0.02, rotary_dim=4, q_lora_rank=16, kv_lora_rank=16, qk_nope_head_dim=8,
+               qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1,
+               moe_intermediate_size=16, first_k_dense_replace=1, embedding_size=32)
+MLA = dict(num_key_value_heads=4)  # multi-head latent attention: as many key/value heads as query heads
+OWN = {"deepseek_v2": MLA, "deepseek_v3": MLA, "glm4_moe_lite": MLA, "longcat_flash": MLA, "minicpm3": MLA,
+       "sarvam_mla": MLA, "youtu": MLA, "axk1": MLA, "lfm2": dict(full_attn_idxs=[1])}  # LFM2: conv, then attention
+
+
+def one(model_type):
+    import logging
+    import warnings
+
+    import torch
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    warnings.filterwarnings("ignore")
+    logging.disable(logging.WARNING)
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    import dpo
+    import test_prefix_sharing as t
+    from speedups import prefix_sharing
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[model_type]
+    name = name[0] if isinstance(name, tuple) else name
+    try:
+        model = t.family(CONFIG_MAPPING_NAMES[model_type], name, {**GENERIC, **OWN.get(model_type, {})})
+        assert model.config.get_text_config().vocab_size == t.V, "a vocabulary of its own"
+    except BaseException as err:  # noqa: BLE001
+        return f"{model_type:28s} does not build here ({type(err).__name__})"
+    rules = prefix_sharing.structural_problem(t.OPTIONS, model, t.LONGEST)
+    numeric = prefix_sharing.numeric_problem(model, t.batches(t.OPTIONS), dpo.completion_logps)
+    try:
+        own = max(max(prefix_sharing.layout_differences(model, batch, dpo.completion_logps).values())
+                  for batch in t.batches(t.OPTIONS))
+        concatenated = True
+    except Exception:  # noqa: BLE001 - the model fails on the shared rows, or (a config it dislikes) on both
+        own = float("inf")
+        try:
+            with torch.no_grad():
+                dpo.completion_logps(model, prefix_sharing.concatenated(t.batches(t.OPTIONS)[0]))
+        except Exception:  # noqa: BLE001
+            concatenated = False
+    if not concatenated:
+        return f"{model_type:28s} fails on the concatenated rows too (the generic config does not suit it)"
+    verdict = "KEPT" if not rules and not numeric else "refused"
+    alarm = "  !!! the model itself differs" if verdict == "KEPT" and own > prefix_sharing.TOLERANCE else ""
+    return (f"{model_type:28s} {verdict:8s} itself {own:.1e}{alarm} | rules: {rules or '-'} | "
+            f"numbers: {(numeric or '-')[:100]}")
+
+
+def main(model_types):
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    for model_type in model_types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES):
+        try:
+            out = subprocess.run([sys.executable, __file__, "--one", model_type], capture_output=True, text=True,
+                                 timeout=150, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+            line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else f"{model_type:28s} crashed"
+        except subprocess.TimeoutExpired:
+            line = f"{model_type:28s} timed out"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--one"]:
+        print(one(sys.argv[2]))
+    else:
+        main(sys.argv[1:])
