@@ -368,8 +368,8 @@ def main(cfg: Config):
     for option, m in (("--model", model), ("--ref_model", cfg.ref_model and ref_model)):
         checks.check_positions(option, m, train_set + eval_set, cfg)  # the longest row fits its positions
     if cfg.prefix_sharing:  # same numbers, less work, where proven exact: speedups/prefix_sharing.py
-        cfg.prefix_sharing = prefix_sharing.exact(cfg, (model, cfg.ref_model and ref_model),
-                                                  train_set + eval_set, pad_id, completion_logps)
+        cfg.prefix_sharing = prefix_sharing.exact(cfg, (model, ref_model), train_set + eval_set, pad_id,
+                                                  completion_logps)
     print(models.count_trainable(model))
     checks.write_config(cfg, Path(cfg.output_dir), resumed=checkpoint is not None)  # options, data, models ok
     if cfg.precompute_ref_log_probs and "ref_chosen_logps" not in train_set[0]:  # (else: given in the data)
