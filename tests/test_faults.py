@@ -48,12 +48,13 @@ def finished(proc, timeout=600):
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
-def strict_records(out: Path) -> list[dict]:
-    """metrics.jsonl, refusing anything strict JSON refuses (a bare NaN or Infinity)."""
+def strict_records(out: Path, text=None) -> list[dict]:
+    """metrics.jsonl (or its text), refusing anything strict JSON refuses (a bare NaN or Infinity)."""
     def refuse(name):
         raise AssertionError(f"{name} in {out / 'metrics.jsonl'}")
     path = out / "metrics.jsonl"
-    return [json.loads(l, parse_constant=refuse) for l in path.read_text().splitlines()] if path.exists() else []
+    text = text if text is not None else path.read_text() if path.exists() else ""
+    return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
 
 
 def assert_no_duplicates(records):
@@ -101,10 +102,14 @@ def signalled_run(tiny, phase, sig):
         time.sleep(0.02)
     proc.send_signal(sig)
     first = finished(proc)
+    # what the signalled run left, before a resume changes it: the folder's entries and metrics.jsonl's text
+    left = {"entries": sorted(p.name for p in out.iterdir()) if out.is_dir() else [],
+            "metrics": (out / "metrics.jsonl").read_text() if (out / "metrics.jsonl").exists() else "",
+            "last_intact": checkpoints.last_intact(out) if out.is_dir() else None}
     resumed = None
     if RESUMED.get(phase) == sig:
         resumed = finished(cli(signal_argv(tiny, out) + ["--resume_from_checkpoint", "latest"]))
-    return out, ready.exists(), first, resumed
+    return out, ready.exists(), first, left, resumed
 
 
 @pytest.fixture(scope="module")
@@ -116,25 +121,26 @@ def signalled(tiny):
 
 @pytest.mark.parametrize("phase, sig", SIGNAL_RUNS, ids=[f"{p}-{s.name}" for p, s in SIGNAL_RUNS])
 def test_a_signal_at_any_phase_keeps_a_model_or_a_resumable_checkpoint(signalled, phase, sig):
-    out, paused, run, resumed = signalled[(phase, sig)]
+    out, paused, run, left, resumed = signalled[(phase, sig)]
     assert paused, run.stderr[-3000:]  # the signal really arrived in that phase
     assert "Traceback" not in run.stderr, run.stderr[-3000:]
-    assert not list(out.glob(".tmp-*")), sorted(p.name for p in out.iterdir())  # no half-written folder left
-    records = strict_records(out)
+    assert not [e for e in left["entries"] if e.startswith(".tmp-")], left["entries"]  # nothing half written
+    records = strict_records(out, left["metrics"])
     assert_no_duplicates(records)
     if phase == "before":  # nothing trained yet: one line, nothing written but the options
         assert run.returncode == 128 + sig
         assert_one_error_line(run, f"interrupted ({sig.name})", "nothing was trained yet")
-        assert not records and not (out / "model").exists()
+        assert not records and "model" not in left["entries"]
     elif phase == "final_save":  # the save finishes: the model is whole, the run ends normally
         assert run.returncode == 0, run.stderr[-3000:]
-        assert (out / "model" / "README.md").is_file() and f"{sig.name} during the final save" in run.stdout
+        assert "model" in left["entries"] and f"{sig.name} during the final save" in run.stdout
+        assert (out / "model" / "README.md").is_file()
         assert [r["step"] for r in records if "eval_loss" in r] == [2, 4]
     else:  # a checkpoint of the step reached, intact, named in the message
         checkpoint = out / f"checkpoint-{CHECKPOINT_AT[phase]}"
         assert run.returncode == 1 and f"interrupted ({sig.name}): saved {checkpoint}" in run.stderr, run.stderr[-3000:]
-        assert checkpoints.manifest_problem(checkpoint) is None and not (out / "model").exists()
-        assert checkpoints.last_intact(out) == checkpoint
+        assert checkpoints.manifest_problem(checkpoint) is None and "model" not in left["entries"]
+        assert left["last_intact"] == checkpoint
     if resumed is not None:  # continued to the end, each record once
         assert resumed.returncode == 0, resumed.stderr[-3000:]
         records = strict_records(out)
@@ -307,13 +313,13 @@ def test_a_damaged_reference_cache_is_computed_again(tiny, tmp_path, capsys):
     args = run_argv(tiny, tmp_path / "out", "--max_steps", "1", "--precompute_ref_log_probs", "--use_peft", "False")
     dpo.main(options.parse_args(args))
     (cache,) = (tmp_path / "out").glob("ref_logps-*.safetensors")
-    whole, numbers = cache.read_bytes(), load_file(cache)
+    whole, numbers = cache.read_bytes(), {k: v.clone() for k, v in load_file(cache).items()}  # (not the mmap)
     cache.write_bytes(whole[:len(whole) // 2])  # cut short, as by a full disk or a kill
     capsys.readouterr()
     dpo.main(options.parse_args(args + ["--overwrite_output_dir"]))
     assert "is damaged" in capsys.readouterr().out
     assert run.cache_problem(cache, len(numbers["chosen"])) is None  # computed again and written whole
-    assert all(torch.equal(load_file(cache)[k], v) for k, v in numbers.items())
+    assert all(torch.equal(v, numbers[k]) for k, v in load_file(cache).items())  # the same numbers
 
 
 def test_a_failed_write_is_one_line_with_what_was_kept(tmp_path):
