@@ -242,8 +242,9 @@ def evaluate(cfg, model, ref_model, examples, pad_id, autocast):
     was_training = model.training
     model.eval()
     totals, loss_sum, n_batches = {}, 0.0, 0
-    for i in range(0, len(examples), cfg.per_device_eval_batch_size):
-        chunk = examples[i:i + cfg.per_device_eval_batch_size]
+    size = cfg.per_device_eval_batch_size
+    for i in tqdm(range(0, len(examples), size), desc="evaluation", leave=False):
+        chunk = examples[i:i + size]
         with autocast():
             batch = to_device(collate_batch(cfg, chunk, pad_id), model.device)
             loss, metrics = dpo_step(cfg, model, ref_model, batch)
@@ -360,6 +361,7 @@ def main(cfg: Config):
     tokenizer = checks.load_tokenizer(cfg)  # (with --ref_model: checked to share its vocabulary)
     pad_id = data.pad_token_id(tokenizer)
     train_set, eval_set = prepare_data(cfg, tokenizer)
+    fingerprint = checks.check_resume_data(checkpoint, train_set, eval_set)  # resume: the same rows as before
 
     # ---- the policy, and the reference in one of four ways ----
     autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)  # noqa: E731
@@ -384,8 +386,8 @@ def main(cfg: Config):
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(cfg.lr_scheduler_type, s, warmup, total_steps))
     trainable = [p for p in model.parameters() if p.requires_grad]
-    final_eval = {}
-    with run.Run(cfg, model, ref_model, optimizer, scheduler, checkpoint, steps_per_epoch, total_steps) as r:
+    with run.Run(cfg, model, ref_model, optimizer, scheduler, checkpoint, steps_per_epoch, total_steps,
+                 fingerprint) as r:
         while r.step < total_steps and not r.stopping:
             r.begin_step()
             group = micro_batches(cfg, len(train_set), r.step, steps_per_epoch)
@@ -418,15 +420,15 @@ def main(cfg: Config):
             if eval_set and r.eval_due():
                 r.log(evaluate(cfg, model, ref_model, eval_set, pad_id, autocast))
             r.checkpoint_if_due()
-        if eval_set and not r.stopping:  # (inside the run: the record reaches the tracker before it closes)
-            final_eval = evaluate(cfg, model, ref_model, eval_set, pad_id, autocast)
-            r.log(final_eval)
+        # (inside the run: the record reaches the tracker before it closes; a resumed finished run has it)
+        if eval_set and not r.stopping and r.final_eval is None:
+            r.log(evaluate(cfg, model, ref_model, eval_set, pad_id, autocast))
 
     # ---- the end: the model (or adapter), the curves, samples ----
     run.finish(cfg, model, tokenizer, eval_set, ref_model,
                load_reference=lambda: load_model(cfg, cfg.ref_model or cfg.model, device, trainable=False),
                completion_logps=completion_logps)
-    return final_eval
+    return r.final_eval or {}
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ truncation, collation) is data.py's; this is the plumbing before it."""
 import gzip
 import json
 import random
+import zlib
 from pathlib import Path
 
 import datasets
@@ -25,8 +26,12 @@ def _file_format(path: Path) -> str | None:
 def _read_text(path: Path) -> str:
     """A .jsonl/.json/.csv file (or .gz) as text; a DataError naming the line of the first byte that is not UTF-8.
     datasets would read such bytes without a word (as mangled text) or fail with no line number."""
-    with (gzip.open(path) if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
-        raw = f.read()
+    try:
+        with (gzip.open(path) if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+            raw = f.read()
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:  # a download or copy cut short
+        raise DataError(f"{path} is not a whole gzip file ({type(e).__name__}: {e}); copy or download it "
+                        "again") from None
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -55,6 +60,10 @@ def _find_text_error(path: Path, builder: str):
         else:
             if document == []:
                 raise DataError(f"no rows: {path} holds an empty JSON array; add rows")
+            if isinstance(document, dict) and document and all(isinstance(v, list) for v in document.values()):
+                raise DataError(f"{path} holds one JSON object of columns ({', '.join(list(document)[:4])}: lists), "
+                                "not rows; write a JSON array of rows [{\"prompt\": ..., \"chosen\": ..., "
+                                "\"rejected\": ...}, ...] or JSON lines")
             return
     for number, line in enumerate(text.split("\n"), start=1):  # not splitlines(): JSON strings may hold U+2028
         if not line.strip():
@@ -77,7 +86,13 @@ def _load_files(builder: str, files: dict[str, list[Path]]) -> datasets.DatasetD
         if builder in ("json", "csv"):
             _read_text(path)  # up front: datasets reads bytes that are not UTF-8 without a word
     try:
-        return datasets.load_dataset(builder, data_files={s: [str(p) for p in ps] for s, ps in files.items()})
+        loaded = datasets.load_dataset(builder, data_files={s: [str(p) for p in ps] for s, ps in files.items()})
+        if builder == "json" and any(len(split) == 1 for split in loaded.values()):
+            for path in paths:  # one row: perhaps one object of columns ({"prompt": [...], ...}), said plainly
+                _find_text_error(path, builder)
+        return loaded
+    except DataError:
+        raise
     except Exception as e:
         for path in paths:  # only now, as parsing every line costs seconds on a large file
             if builder in ("json", "csv"):

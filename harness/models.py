@@ -106,15 +106,19 @@ def quiet_library_notices():
     """Two notices that loading a model printed on every LoRA run, about the libraries and not the run:
     bitsandbytes (imported by peft) found no optional CPU kernel from the `kernels` package and uses its own, and peft
     asks transformers for a renamed attribute (a FutureWarning). Only these two; anything else is still shown."""
-    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # (and under HF_HUB_OFFLINE=1 the `kernels` package's "Skipping publisher trust check", logged as bitsandbytes
+    # looks for that kernel)
+    loggers = [logging.getLogger(name) for name in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def disable_dropout(model):
