@@ -154,7 +154,7 @@ def test_reference_columns_are_used_with_precompute(tiny, tmp_path):
 @pytest.mark.parametrize("bad", [float("nan"), None])
 def test_reference_columns_missing_or_non_finite_are_an_error(tiny, tmp_path, bad):
     given = dataset_with_reference_columns(tmp_path, lambda i: bad if i == 5 else -30.0, lambda i: -20.0)
-    with pytest.raises(RunError, match="missing or non-finite ref_chosen_logps"):
+    with pytest.raises(RunError, match="missing, non-numeric or non-finite ref_chosen_logps"):
         dpo.main(config(tiny, tmp_path / "out", "--dataset", given, "--max_steps", "1", "--precompute_ref_log_probs"))
 
 
