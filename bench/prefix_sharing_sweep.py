@@ -3,7 +3,7 @@ sharing's decision: the rules (structural_problem), the numeric check on a narro
 and the model itself compared both ways (layout_differences). The line to look for is KEPT with the model
 itself differing: there should be none. docs/prefix_sharing.md reports a run.
 
-    python bench/prefix_sharing_sweep.py              # all (about 25 minutes on 1 CPU thread)
+    python bench/prefix_sharing_sweep.py              # all 200 (2 hours on one loaded CPU thread)
     python bench/prefix_sharing_sweep.py llama mpt    # some model types
 
 A class that does not build from the generic config, or fails on the concatenated rows too, is listed as
