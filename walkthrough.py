@@ -59,23 +59,9 @@
 # notebook is committed with its outputs, so before a class clear them (*Edit → Clear outputs of
 # all cells*) and run the cells in order.
 #
-# **Notation** (the same in `losses.py`, the README and [docs/notation.md](docs/notation.md)). For a
-# prompt $x$ with chosen $y_w$ and rejected $y_l$, the chosen **log-ratio** is
+# **Notation** ([docs/notation.md](docs/notation.md) maps it to `losses.py` and TRL's metrics). For
+# a prompt $x$ with chosen $y_w$ and rejected $y_l$, the chosen **log-ratio** is
 # $\rho_w = \log\pi_\theta(y_w\mid x) - \log\pi_{\rm ref}(y_w\mid x)$, summed over its tokens:
-#
-# | symbol | meaning | `losses.py` | TRL metric (batch mean) |
-# |---|---|---|---|
-# | $\rho_w$ | chosen log-ratio | `chosen_logratios` | `rewards/chosen` $=\beta\rho_w$ |
-# | $\rho_l$ | rejected log-ratio | `rejected_logratios` | `rewards/rejected` $=\beta\rho_l$ |
-# | $\Delta = \rho_w - \rho_l$ | the margin | `delta_score` | `rewards/margins` $=\beta\Delta$ |
-# | $r(x, y)$, $r^*$ | a reward; the true reward | | |
-# | $\beta$ | KL strength | `beta` | |
-# | $m$ | completion mask | | |
-# | $\eta$, $t$, $B$ | learning rate, step, pairs per batch | | `learning_rate` |
-#
-# The paper: "Direct Preference Optimization: Your Language Model is Secretly a Reward Model",
-# Rafailov et al., 2023, [arXiv:2305.18290](https://arxiv.org/abs/2305.18290); "Eq. n" is its
-# equation n. Run the notebook from the repository root; its source is `walkthrough.py` (jupytext).
 
 # %%
 import contextlib
@@ -274,15 +260,13 @@ check(prediction, pi_other[3].item())
 # %% [markdown]
 # <details><summary><b>Answer</b> (open after running)</summary>
 #
-# The minimiser is $\pi_{\rm ref}'\,e^{r^*/\beta}/Z'$ for whichever reference $\pi_{\rm ref}'$ the
-# loss is given (the second and third columns agree): Eq. 7 pins down only the differences
-# $\beta(\rho_i - \rho_j)$, and $\rho$ is measured from the reference in the loss. With the uniform
-# reference $y_3$ gets 0.8263 instead of 0.7222, and $y_0$, which the data's policy liked (0.40),
-# falls from 0.0441 to 0.0151. The implicit reward still ranks the completions as $r^*$ does; what
-# changes is the policy, and its KL to the policy the data came from (1.409 nats instead of
-# 1.109). With real data there is a second cost: completions the reference rarely writes get little
-# constraint from pairs sampled elsewhere, which is why the paper first fine-tunes on the chosen
-# completions when the pairs do not come from its reference.
+# 0.8263: the minimiser is $\pi_{\rm ref}'\,e^{r^*/\beta}/Z'$ for whichever reference $\pi_{\rm ref}'$
+# the loss is given (the second and third columns agree), because $\rho$ is measured from it. $y_0$,
+# which the data's policy liked (0.40), falls from 0.0441 to 0.0151, and the KL to the data's policy
+# grows from 1.109 to 1.409 nats. The ranking of the completions is $r^*$'s either way. With real
+# data there is a second cost: completions the reference rarely writes get little constraint from
+# pairs sampled elsewhere, which is why the paper first fine-tunes on the chosen completions when the
+# pairs do not come from its reference.
 # </details>
 
 # %% [markdown]
@@ -333,7 +317,8 @@ def train_hard_pair(loss_type, beta, steps=STEPS):
         with torch.no_grad():
             theta -= LR * theta.grad
             logp = torch.log_softmax(theta, dim=0)
-            margins.append(float((logp[hard_w] - logp[hard_l]) - (pi_ref.log()[hard_w] - pi_ref.log()[hard_l])))
+            margin = (logp[hard_w] - logp[hard_l]) - (pi_ref.log()[hard_w] - pi_ref.log()[hard_l])
+            margins.append(float(margin))
     pi = logp.exp()
     return margins, float(pi[hard_l]), float((pi * (logp - pi_ref.log())).sum())
 
@@ -393,25 +378,25 @@ plt.show()
 
 # %% [markdown]
 # What the tables show. IPO stops at $\Delta = 1/(2\beta)$: 5 for β = 0.1, 0.5 for β = 1. DPO
-# passes that point and keeps growing: its trained margins equal the recurrence to float64
-# precision, and for β = 1 the margin at step 3000 (6.389) is within 0.01 of the asymptote
-# (6.397). For β = 0.1 the asymptote (17.918) still overshoots the margin (16.730): $\beta\Delta$ has
-# only reached 1.7, so the logarithmic regime has not fully arrived. *Eventually* a smaller β goes
-# further, from step 525 on here, the opposite of what β promises in Eq. 3; at steps 10 and 100
+# passes that point and keeps growing, exactly as the recurrence says. For β = 1 the margin at step
+# 3000 (6.389) is within 0.01 of the asymptote (6.397); for β = 0.1 the asymptote (17.918) still
+# overshoots (16.730), because $\beta\Delta$ has only reached 1.7. *Eventually* a smaller β goes
+# further, here from step 525 on: the opposite of what β promises in Eq. 3. At steps 10 and 100
 # β = 1 is ahead. Without the σ weight the margin is $2\eta\beta t$: 60 and 600 at step 3000.
 #
-# **The shipped data is this regime.** Each shipped pair's chosen completion scores at least 2
-# more than its rejected one under the ground-truth reward, and no pair appears in both orders (the
-# next cell counts). No label ever contradicts another, so Eq. 7's optimum is $\Delta = \infty$ on
-# every pair; only the number of steps and the parameters the pairs share hold the margins back
-# (§5's run shows them growing).
+# **The shipped data is this regime.** Each shipped pair's chosen completion scores at least 2 more
+# than its rejected one under the true reward, and no pair appears in both orders (next cell). No
+# label contradicts another, so Eq. 7's optimum is $\Delta = \infty$ on every pair; only the number
+# of steps and the parameters the pairs share hold the margins back.
 
 # %%
 shipped = [json.loads(line) for line in (options.DEMO_DATASET / "train.jsonl").read_text().splitlines()]
-gaps = [sentiment_score(r["prompt"] + r["chosen"]) - sentiment_score(r["prompt"] + r["rejected"]) for r in shipped]
+gaps = [sentiment_score(r["prompt"] + r["chosen"]) - sentiment_score(r["prompt"] + r["rejected"])
+        for r in shipped]
 ordered = {(r["prompt"], r["chosen"], r["rejected"]) for r in shipped}
 reversed_pairs = sum((p, rej, ch) in ordered for p, ch, rej in ordered)
-print(f"{len(shipped)} pairs over {len({r['prompt'] for r in shipped})} prompts; reward gap chosen − rejected: "
+print(f"{len(shipped)} pairs over {len({r['prompt'] for r in shipped})} prompts; "
+      f"reward gap chosen − rejected: "
       f"min {min(gaps)}, mean {sum(gaps) / len(gaps):.2f}; pairs whose reverse is also in the data: "
       f"{reversed_pairs}")
 
@@ -427,21 +412,21 @@ prediction = None  # ✎ Δ after steps_mine steps
 
 margins_mine = train_hard_pair("sigmoid", beta_mine, steps_mine)[0]
 print(f"β = {beta_mine}, {steps_mine} steps: Δ = {margins_mine[-1]:.3f}; the asymptote log(2ηβ²t)/β = "
-      f"{math.log(2 * LR * beta_mine**2 * steps_mine) / beta_mine:.3f}; βΔ = {beta_mine * margins_mine[-1]:.2f}")
+      f"{math.log(2 * LR * beta_mine**2 * steps_mine) / beta_mine:.3f}; "
+      f"βΔ = {beta_mine * margins_mine[-1]:.2f}")
 print(f"Δ at half the steps: {margins_mine[steps_mine // 2 - 1]:.3f}; doubling added "
-      f"{margins_mine[-1] - margins_mine[steps_mine // 2 - 1]:.3f}, log(2)/β = {math.log(2) / beta_mine:.3f}")
+      f"{margins_mine[-1] - margins_mine[steps_mine // 2 - 1]:.3f}, "
+      f"log(2)/β = {math.log(2) / beta_mine:.3f}")
 check(prediction, margins_mine[-1])
 
 # %% [markdown]
 # <details><summary><b>Answer</b> (open after running)</summary>
 #
 # $\log(2 \cdot 0.1 \cdot 0.3^2 \cdot 3000)/0.3 = \log(54)/0.3 = 13.30$; the run gives 13.112, a
-# little below: $\sigma(-\beta\Delta) = 1/(1 + e^{\beta\Delta})$ is smaller than the
-# $e^{-\beta\Delta}$ the asymptote assumes, so each step adds a little less. Doubling the steps
-# adds about $\log(2)/\beta = 2.31$ once the asymptote holds (from step 1500 to 3000 the run adds
-# 2.408: at $\beta\Delta$ between 3 and 4 it does not hold exactly yet). The margin never stops: a
-# pair with a fixed label keeps pulling its log-probabilities apart, more and more slowly, and a
-# smaller β makes each doubling of the steps worth more nats.
+# little less, since $\sigma(-\beta\Delta) = 1/(1 + e^{\beta\Delta})$ is smaller than the
+# $e^{-\beta\Delta}$ the asymptote assumes. Doubling the steps adds $\log(2)/\beta = 2.31$ once the
+# asymptote holds (here 2.408, at $\beta\Delta$ between 3 and 4). The margin never stops, and a
+# smaller β makes each doubling worth more nats.
 # </details>
 
 # %% [markdown]
@@ -476,7 +461,8 @@ peak = int(rho_w_toy.argmax())
 negative_from = peak + int((rho_w_toy[peak:] < 0).nonzero()[0])
 print(f"{'step':>5} {'Δ':>7} {'ρ_w':>7} {'ρ_l':>7}   π over " + ", ".join(texts))
 for step in (0, 10, 25, 50, 100, 200, 400):
-    print(f"{step:>5} {rho_w_toy[step] - rho_l_toy[step]:>7.3f} {rho_w_toy[step]:>7.3f} {rho_l_toy[step]:>7.3f}   "
+    print(f"{step:>5} {rho_w_toy[step] - rho_l_toy[step]:>7.3f} {rho_w_toy[step]:>7.3f} "
+          f"{rho_l_toy[step]:>7.3f}   "
           + "  ".join(f"{p:.3f}" for p in history[step]))
 print(f"ρ_w peaks at step {peak} ({rho_w_toy[peak]:.3f}) and is negative from step {negative_from} on")
 assert rho_w_toy[-1] < 0 and rho_l_toy[-1] < 0 and history[-1, 3] > 0.5
@@ -536,7 +522,7 @@ EXTRA = {"exo_pair": dict(label_smoothing=1e-3), "robust": dict(label_smoothing=
 
 
 def loss_and_weight(name, margin, **options):
-    """(ℓ, −dℓ/dΔ) of one pair at margin Δ, with ρ_w = Δ/2, ρ_l = −Δ/2 (gradient by autograd)."""
+    """(ℓ, −dℓ/dΔ) of one pair at margin Δ, with ρ_w = Δ/2, ρ_l = −Δ/2 (the gradient by autograd)."""
     margin = torch.tensor([float(margin)], dtype=torch.float64, requires_grad=True)
     ref = torch.full((1,), ZOO_REF, dtype=torch.float64)
     lengths = torch.full((1,), float(ZOO_LENGTH), dtype=torch.float64)
@@ -550,7 +536,8 @@ def loss_and_weight(name, margin, **options):
 grid = torch.linspace(-6, 6, 241).tolist()
 MAIN = {"DPO": ("sigmoid", {}), "cDPO (ε = 0.1)": ("sigmoid", dict(label_smoothing=0.1)), "IPO": ("ipo", {}),
         "hinge": ("hinge", {}), "SimPO (γ = 0.5)": ("simpo", {}), "DPO-Positive (λ = 50)": ("dpop", {})}
-main_curves = {label: [loss_and_weight(name, m, **opts) for m in grid] for label, (name, opts) in MAIN.items()}
+main_curves = {label: [loss_and_weight(name, m, **opts) for m in grid]
+               for label, (name, opts) in MAIN.items()}
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
 for label, values in main_curves.items():
@@ -569,24 +556,24 @@ axes[0].set_title("loss (IPO and DPO-Positive leave the frame)")
 axes[1].set_title("how hard a pair at margin Δ pulls")
 fig.tight_layout()
 plt.show()
-print(f"{'':<22} {'ℓ(−4)':>8} {'ℓ(0)':>7} {'ℓ(4)':>7}   {'weight at −4':>12} {'at 0':>7} {'at 4':>7}")
+print(f"{'':<22} {'ℓ(−4)':>8} {'ℓ(0)':>7} {'ℓ(4)':>7}   "
+      f"{'weight at −4':>12} {'at 0':>7} {'at 4':>7}")
 for label, (name, opts) in MAIN.items():
     at = {m: loss_and_weight(name, m, **opts) for m in (-4, 0, 4)}
     print(f"{label:<22} {at[-4][0]:>8.3f} {at[0][0]:>7.3f} {at[4][0]:>7.3f}   {at[-4][1]:>12.3f} "
           f"{at[0][1]:>7.3f} {at[4][1]:>7.3f}")
 
 # %% [markdown]
-# **DPO** pulls with weight near β = 1 on a pair ranked the wrong way and near 0, never exactly
-# 0, on one ranked right by a wide margin: §2's unbounded margin. **cDPO**'s weight crosses zero at
-# $\beta\Delta = \log(0.9/0.1) = 2.2$ and pushes back beyond it. **IPO** pulls linearly towards
-# $\Delta = 1/(2\beta) = 0.5$ from both sides. **Hinge** pulls with constant weight until
-# $\beta\Delta = 1$, then not at all. **SimPO** here is DPO shifted right by γ (equal lengths and
-# equal reference log-probs hide the rest). **DPO-Positive** equals DPO for $\Delta \ge 0$ and
-# below 0 adds $\lambda\max(0, -\rho_w)$ inside the sigmoid: weight 26 at $\Delta = -4$.
+# **DPO** pulls with weight near β on a pair ranked the wrong way and near 0, never exactly 0, on one
+# ranked right by a wide margin: §2's unbounded margin. **cDPO**'s weight crosses zero at
+# $\beta\Delta = \log 9 = 2.2$ and pushes back beyond it. **IPO** pulls linearly towards
+# $\Delta = 0.5$ from both sides. **Hinge** stops pulling at $\beta\Delta = 1$. **SimPO** here is DPO
+# shifted right by γ. **DPO-Positive** equals DPO for $\Delta \ge 0$, and below 0 its weight jumps
+# (26 at $\Delta = -4$).
 #
 # At $\Delta = 0$ the policy is the reference and every loss has a value you can work out by hand
-# ($\sigma(0) = \frac12$). The next cell checks *every* loss in `losses.py` against its closed form
-# (a new loss fails it until its closed form is added); Appendix A draws the fourteen not drawn here.
+# ($\sigma(0) = \frac12$). The next cell checks *every* loss in `losses.py` against its closed form (a
+# new loss fails it until its closed form is added); Appendix A draws the other fourteen.
 
 # %%
 ln2, eps, gamma, nll = math.log(2), 1e-3, 0.5, -ZOO_REF / ZOO_LENGTH
@@ -640,25 +627,22 @@ for case, (n_w, n_l) in cases.items():
     rho_w = torch.tensor([0.5, 2.0, -1.0], dtype=torch.float64)
     rho_l = torch.tensor([-0.5, -3.0, 1.0], dtype=torch.float64)
     mine = my_ipo(rho_w, rho_l, chosen_l.double(), rejected_l.double(), beta=0.1)
-    library, _, _ = losses.dpo_loss(ref_logps + rho_w, ref_logps + rho_l, ref_logps, ref_logps, loss_type="ipo",
-                                    beta=0.1, chosen_lengths=chosen_l, rejected_lengths=rejected_l)
+    library, _, _ = losses.dpo_loss(ref_logps + rho_w, ref_logps + rho_l, ref_logps, ref_logps,
+                                    loss_type="ipo", beta=0.1, chosen_lengths=chosen_l,
+                                    rejected_lengths=rejected_l)
     agree[case] = torch.allclose(mine, library)
-    print(f"{case:<18} my_ipo {[round(v, 3) for v in mine.tolist()]}   losses.py {[round(v, 3) for v in library.tolist()]}"
-          f"   agree: {agree[case]}")
+    print(f"{case:<18} my_ipo {fmt(mine, 3)}   losses.py {fmt(library, 3)}   agree: {agree[case]}")
 print(f"you predicted {prediction}, measured {agree['10 and 20 tokens']}" if prediction is not None
       else "write your prediction in `prediction` first")
 
 # %% [markdown]
 # <details><summary><b>Answer</b> (open after running)</summary>
 #
-# The paper's form agrees only for one-token completions. TRL (and `losses.ipo`, which follows it)
-# divides each log-ratio by its completion's length, a choice TRL says it confirmed with the IPO
-# authors: $\big(\frac{\rho_w}{|y_w|} - \frac{\rho_l}{|y_l|} - \frac{1}{2\beta}\big)^2$. Without the
-# division, the target $\frac{1}{2\beta}$ = 5 nats is a margin in *summed* log-probs, which a long
-# pair reaches by moving each token a little and a short pair only by moving each token a lot.
-# With equal lengths $n$, the two forms still differ: $(\Delta/n - \frac{1}{2\beta})^2$ is not
-# $(\Delta - \frac{1}{2\beta})^2$. The §2 toy's form $(\Delta - \frac{1}{2\beta})^2$ is the $n = 1$
-# case. The fix:
+# It agrees only for one-token completions. TRL (and `losses.ipo`) divides each log-ratio by its
+# completion's length, a choice TRL says it confirmed with the IPO authors:
+# $\big(\frac{\rho_w}{|y_w|} - \frac{\rho_l}{|y_l|} - \frac{1}{2\beta}\big)^2$. Without the division
+# the target, $\frac{1}{2\beta}$ = 5 nats, is a margin in *summed* log-probs: easy for a long pair,
+# hard for a short one. §2's $(\Delta - \frac{1}{2\beta})^2$ is the one-token case. The fix:
 #
 # ```python
 # return (chosen_logratios / chosen_lengths - rejected_logratios / rejected_lengths
@@ -685,13 +669,15 @@ print(f"you predicted {prediction}, measured {agree['10 and 20 tokens']}" if pre
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 cfg = options.parse_args(["--output_dir", str(WORK / "unused"), "--bf16", "False"])  # fp32 everywhere
-print(f"β {cfg.beta}, loss {cfg.loss_type}, max_length {cfg.max_length}, {cfg.truncation_mode}, truncation_scope "
+print(f"β {cfg.beta}, loss {cfg.loss_type}, max_length {cfg.max_length}, {cfg.truncation_mode}, "
+      f"truncation_scope "
       f"{cfg.truncation_scope}, LoRA {cfg.use_peft} (rank {cfg.lora_r}), learning rate {cfg.learning_rate}, "
       f"{cfg.per_device_train_batch_size} pairs per batch")
 tokenizer = AutoTokenizer.from_pretrained(cfg.model)
 pad_id = data.pad_token_id(tokenizer)
 train_rows, eval_rows = datafiles.load_preference_dataset(cfg.dataset, cfg.dataset_split, cfg.eval_split)
-limits = dict(max_length=cfg.max_length, truncation_mode=cfg.truncation_mode, truncation_scope=cfg.truncation_scope)
+limits = dict(max_length=cfg.max_length, truncation_mode=cfg.truncation_mode,
+              truncation_scope=cfg.truncation_scope)
 train_set = data.prepare_dataset(train_rows, tokenizer, **limits)  # exactly as dpo.main prepares it
 eval_set = data.prepare_dataset(eval_rows, tokenizer, name="eval", **limits)
 print("\nrow 0:", json.dumps(train_rows[0]))
@@ -718,39 +704,37 @@ bpe = Tokenizer(models.BPE())
 bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
 bpe.decoder = decoders.ByteLevel()
 bpe.train_from_iterator([r["prompt"] + y for r in shipped for y in (r["chosen"], r["rejected"])],
-                        trainers.BpeTrainer(vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                            show_progress=False))
+                        trainers.BpeTrainer(vocab_size=600, show_progress=False,
+                                            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
 for prompt, completion in (("the acting was", " great ."), ("the acting was ", "great ."),
                            ("the acting was gr", "eat .")):
     alone, whole = bpe.encode(prompt).tokens, bpe.encode(prompt + completion).tokens
     n = data.common_prefix_length(alone, whole)
     print(f"{prompt!r} + {completion!r}\n  prompt alone:        {alone}\n  prompt + completion: {whole}\n"
           f"  the completion's tokens: {whole[n:]}"
-          + ("" if n == len(alone) else f"  (the prompt alone ends {alone[n:]}: not how the whole text splits)"))
+          + ("" if n == len(alone) else
+             f"  (the prompt alone ends {alone[n:]}: not how the whole text splits)"))
 
 # %% [markdown]
-# In the first case the completion starts with a space and the boundary falls between tokens. In the
-# other two, the prompt's last token (`Ġ`, or `r`) is not a token of the whole text, which merges it
-# with the completion's first characters (`Ġg`, `reat`). Tokenizing prompt and completion separately
-# and concatenating the ids would give the model a split the tokenizer never produces for this text.
+# In the first case the boundary falls between tokens. In the other two the prompt's last token (`Ġ`,
+# or `r`) is not a token of the whole text, which merges it with what follows (`Ġg`, `reat`): ids of
+# prompt and completion tokenized separately would be a split the tokenizer never produces. So
 # `data.py` (like TRL 1.16) tokenizes prompt + completion as one text, and the completion starts
-# where its ids stop matching the prompt's alone: the prompt's divergent tail goes to the completion.
-# §5's DPO by hand uses the same rule.
+# where its ids stop matching the prompt's: the prompt's divergent tail goes to the completion. §5's
+# DPO by hand does the same.
 #
 # **The EOS: its token is scored, its position is not.** Position $t$ predicts token $t+1$, so the
-# scored positions are `completion_mask[:, 1:]`, one to the left. The last prompt position
-# predicts the first completion token and is scored; the position that holds the EOS would predict
-# whatever follows it, which is not in the data, so it is not scored. The EOS *token* is scored, by
-# the position before it: $\log\pi(\text{EOS}\mid\ldots)$ is part of $\log\pi(y\mid x)$ (§5 prints
-# it).
+# scored positions are `completion_mask[:, 1:]`, one to the left: the last prompt position predicts
+# the first completion token; the EOS *token* is predicted by the position before it, and
+# $\log\pi(\text{EOS}\mid\ldots)$ is part of $\log\pi(y\mid x)$; the EOS's own *position* would
+# predict what follows it, which is not in the data, so it is not scored (§5 prints both).
 #
-# **Truncation, per pair or per row.** A sequence longer than `max_length` loses tokens. `keep_end`
-# (this project's default) drops the *start* of the prompt and keeps the completion with its EOS;
-# `keep_start` (TRL's default) drops the *end* of the completion. *Per row* (TRL's rule) cuts
-# prompt+chosen and prompt+rejected each on its own: under `keep_end` with completions of different
-# lengths, the two rows keep **different amounts of prompt**, so the chosen completion is scored
-# under one prompt and the rejected under another, and the $\beta\log Z(x)$ of §1 no longer cancels.
-# *Per pair* (`--truncation_scope pair`, the default; `data.truncate_pair`) cuts one prompt for both.
+# **Truncation, per pair or per row.** `keep_end` (this project's default) drops the *start* of the
+# prompt; `keep_start` (TRL's) drops the *end* of the completion, EOS included. *Per row* (TRL's
+# rule) cuts prompt+chosen and prompt+rejected each on its own: under `keep_end` the two rows can
+# keep different amounts of prompt, so the chosen completion is scored under one prompt and the
+# rejected under another, and the $\beta\log Z(x)$ of §1 no longer cancels. *Per pair* (the default,
+# `data.truncate_pair`) cuts one prompt for both.
 
 # %% [markdown]
 # **Exercise 4 — predict, then run: per row instead of per pair.** With `max_length` 32 and
@@ -773,7 +757,8 @@ two_prompts = [k for k, ex in enumerate(short) if len({tuple(p) for p in kept_pr
     data.collate([ex], pad_id, max_length=short_max_length, truncation_scope=scope))}) == 2]
 print(f"scope {scope}: {len(two_prompts)} of {len(short)} pairs kept are scored under two different prompts")
 if two_prompts:
-    batch_k = data.collate([short[two_prompts[0]]], pad_id, max_length=short_max_length, truncation_scope=scope)
+    batch_k = data.collate([short[two_prompts[0]]], pad_id, max_length=short_max_length,
+                           truncation_scope=scope)
     for r, (name, prompt_ids) in enumerate(zip(("chosen", "rejected"), kept_prompts(batch_k))):
         print(f"  e.g. pair {two_prompts[0]}, {name:<8}: prompt '{tokenizer.decode(prompt_ids)}' + "
               f"{int(batch_k['completion_mask'][r].sum())} completion tokens")
@@ -782,14 +767,11 @@ check(prediction, len(two_prompts))
 # %% [markdown]
 # <details><summary><b>Answer</b> (open after running)</summary>
 #
-# Per row: 423 (with `max_length` 32). Of the 436 pairs with a row to cut, only 13 have their two
-# rows cut alike (completions of equal length, or both so long that no prompt is left); every other
-# one keeps less prompt for its longer completion than for its shorter one. Per pair: 0, by
-# construction: the pair rule cuts the prompt once, as far as the longer completion needs, then
-# cuts only the completions' ends. The preference "$y_w$ better than $y_l$ *for this prompt*"
-# assumes one prompt; two prompts add to the margin whatever the missing prompt words do to the
-# log-probabilities. With `keep_start` the prompt is kept whole in
-# both rows, so both scopes agree.
+# Per row, 423: of the 436 pairs with a row to cut, only 13 have both rows cut alike (completions of
+# equal length, or no prompt left in either); every other one keeps less prompt for its longer
+# completion. Per pair, 0 by construction. The label "$y_w$ better than $y_l$ *for this prompt*"
+# assumes one prompt; with two, the margin also measures what the missing prompt words do to the
+# log-probabilities. Under `keep_start` both rows keep the whole prompt, and the scopes agree.
 # </details>
 
 # %% [markdown]
@@ -847,7 +829,7 @@ def tokenize(tok, prompt, chosen, rejected, max_length):
 
 
 def collate(pairs, pad_id):
-    """B pairs -> 2B rows [prompt+chosen; prompt+rejected], right-padded, with attention and completion masks."""
+    """B pairs -> 2B rows [prompt+chosen; prompt+rejected], right-padded, with both masks."""
     rows = ([(p + c, [0] * len(p) + [1] * len(c)) for p, c, _ in pairs]
             + [(p + r, [0] * len(p) + [1] * len(r)) for p, _, r in pairs])
     T = max(len(ids) for ids, _ in rows)
@@ -858,12 +840,12 @@ def collate(pairs, pad_id):
 
 def per_token_logps(model, batch):
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t ...
-    return logps.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1) * batch["completion_mask"][:, 1:]  # ... t+1
+    logps = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t+1
+    return logps.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1) * batch["completion_mask"][:, 1:]
 
 
 def load_policy_and_reference(path, dropout=0.0):
-    policy = AutoModelForCausalLM.from_pretrained(path, attention_dropout=dropout)  # Llama's dropout: a config float
+    policy = AutoModelForCausalLM.from_pretrained(path, attention_dropout=dropout)  # Llama's: a config float
     for module in policy.modules():  # other families' dropout layers
         if isinstance(module, torch.nn.Dropout):
             module.p = dropout
@@ -897,8 +879,9 @@ def train(policy, reference, pairs, pad_id, *, beta, lr, steps, batch_size=8, se
 
 # %% [markdown]
 # Now run it for 5 steps, and `dpo.main` for 5 steps with `--use_peft False` (full fine-tuning; its
-# reference is also `copy.deepcopy(model).eval()`). Both read the same rows in the same order
-# (`torch.randperm` seeded with `seed`); the asserts check the tokens, the batch and every loss.
+# reference is also `copy.deepcopy(model).eval()`), both at learning rate 5e-4. Both read the same
+# rows in the same order (`torch.randperm` seeded with `seed`); the asserts check the tokens, the
+# batch and every loss.
 
 # %% tags=["trained"]
 hand_tok = AutoTokenizer.from_pretrained(cfg.model)
@@ -947,14 +930,15 @@ with torch.no_grad():
     library, _ = dpo.completion_logps(policy, batch)  # dpo.py: only completion positions through the LM head
 assert torch.allclose(mine, library, atol=1e-5)
 row0, n0 = batch["input_ids"][0], int(batch["attention_mask"][0].sum())
-print(f"input_ids {tuple(batch['input_ids'].shape)} = [2B, T]; per-token log-probs {tuple(mine.shape)} = [2B, T−1]")
+print(f"input_ids {tuple(batch['input_ids'].shape)} = [2B, T]; "
+      f"per-token log-probs {tuple(mine.shape)} = [2B, T−1]")
 for t in range(n0 - 1):
     m = int(batch["completion_mask"][0, t + 1])
     print(f"  position {t:>2} ({tokenizer.convert_ids_to_tokens(int(row0[t])):<11}) predicts "
           f"{tokenizer.convert_ids_to_tokens(int(row0[t + 1])):<11} m = {m}  "
           + (f"log π = {mine[0, t].item():8.4f}" if m else "(prompt: not scored)"))
-print(f"  position {n0 - 1:>2} ({tokenizer.convert_ids_to_tokens(int(row0[n0 - 1]))}) predicts what follows the "
-      f"EOS: not in the data, not scored")
+print(f"  position {n0 - 1:>2} ({tokenizer.convert_ids_to_tokens(int(row0[n0 - 1]))}) predicts what follows "
+      f"the EOS: not in the data, not scored")
 print(f"log π(y_w | x) = sum over the completion = {mine[0].sum().item():.4f}")
 
 # %% [markdown]
@@ -1017,22 +1001,21 @@ del policy_d, reference_d
 # %% [markdown]
 # <details><summary><b>Answer</b> (open after running)</summary>
 #
-# Not $\ln 2$: 0.7506, 0.5223 and 0.7293 for three random seeds. In `train()` mode the policy
-# drops a random tenth of its attention weights and the reference does not, so at step 0 the two
-# compute different log-probabilities: the margins are noise, from −3.7 to 27.1 nats here, the loss
-# moves with the seed, and the first gradients push on that noise. With both models in train mode
-# their random masks would still differ. So DPO turns dropout off in the policy (TRL's
-# `disable_dropout=True`, `dpo.py`'s `--disable_dropout`). Both set every `torch.nn.Dropout` module
-# to $p = 0$; a Llama's attention dropout is a float in its config, not a module, which is why the
-# loader above also passes `attention_dropout` (0.0 in the shipped model's config).
+# Not $\ln 2$: 0.7506, 0.5223 and 0.7293 for three seeds. In `train()` mode the policy drops a random
+# tenth of its attention weights and the reference does not, so at step 0 their log-probabilities
+# differ: the margins are noise (from −3.7 to 27.1 nats here), and the first gradients push on it.
+# Two models in train mode would still draw different masks. So DPO turns dropout off (TRL's
+# `disable_dropout=True`, `dpo.py`'s `--disable_dropout`), both by setting every `torch.nn.Dropout`
+# to $p = 0$. A Llama's attention dropout is a float in its config, not a module, which is why the
+# loader above also passes `attention_dropout` (0.0 in the shipped config).
 # </details>
 
 # %% [markdown]
 # **Exercise 6 — predict, then run: the mean instead of the sum.** Some implementations average the
 # per-token log-probs of a completion instead of summing them. Change `reduce` to the mean over
-# completion tokens and predict: (a) the step-0 loss; (b) after 30 steps, is the mean margin
-# $\beta\Delta$ that the loss sees larger or smaller than with the sum; (c) which `loss_type` in
-# `losses.py` this is.
+# completion tokens and predict: (a) the step-0 loss; (b) after 30 steps, is the loss lower or higher
+# than with the sum, and has the policy moved less or further from the reference (in summed
+# log-ratios on held-out pairs)? (c) which `loss_type` in `losses.py` is this?
 
 # %% tags=["trained"]
 def reduce(per_token, completion_mask):
@@ -1061,28 +1044,29 @@ for name, loss_fn in (("sum (DPO)", dpo_loss), ("your reduce", dpo_loss_reduced)
     history = train(policy, reference, pairs, pad_id, beta=cfg.beta, lr=FULL_LR, steps=MEAN_STEPS,
                     loss_fn=loss_fn)
     with torch.no_grad():
-        logps, ref_logps = per_token_logps(policy, held_out).sum(1), per_token_logps(reference, held_out).sum(1)
+        logps = per_token_logps(policy, held_out).sum(1)
+        ref_logps = per_token_logps(reference, held_out).sum(1)
         yours = loss_fn(policy, reference, held_out, cfg.beta)[0]
     rho_w, rho_l = logps[:H] - ref_logps[:H], logps[H:] - ref_logps[H:]
     norm, _, _ = losses.dpo_loss(logps[:H], logps[H:], ref_logps[:H], ref_logps[H:], loss_type="sigmoid_norm",
                                  beta=cfg.beta, chosen_lengths=lengths[:H], rejected_lengths=lengths[H:])
-    print(f"{name:<12} loss at step 1 {history[0]:.4f}, at step {MEAN_STEPS} {history[-1]:.4f}; on the held-out "
-          f"pairs, summed log-ratios: Δ {(rho_w - rho_l).mean():.2f}, ρ_w {rho_w.mean():.2f}, ρ_l {rho_l.mean():.2f}")
+    print(f"{name:<12} loss at step 1 {history[0]:.4f}, at step {MEAN_STEPS} {history[-1]:.4f}; on the "
+          f"held-out pairs, summed log-ratios: Δ {(rho_w - rho_l).mean():.2f}, ρ_w {rho_w.mean():.2f}, "
+          f"ρ_l {rho_l.mean():.2f}")
 print(f"your reduce is loss_type='sigmoid_norm': {torch.allclose(yours, norm.mean())}")
 check(prediction, history[0])
 
 # %% [markdown]
 # <details><summary><b>Answer</b> (open after running)</summary>
 #
-# (a) $\ln 2$ again: at step 0 every log-ratio is 0, however it is reduced. (b) Smaller: the mean
-# divides each log-ratio by its length (21.6 tokens on average here), so the loss sees a margin about
-# 20 times smaller, its σ weight stays near $\frac12$, and the loss falls slowly (0.6541 against
-# 0.5013 at step 30). The brake of §2 is off: Adam normalises the gradient's scale, so the weights
-# move as fast, and in summed log-ratios this run went further, with a held-out margin of 14.84
-# nats against 7.30 and both log-ratios lower ($\rho_w$ −6.89 against −2.05). In effect β is
-# divided by the completion length. (c) `sigmoid_norm`, one of `losses.LENGTH_LOSSES` (the cell
-# printed whether your `reduce` equals it). DPO as derived sums: $\log\pi(y\mid x)$ of a whole
-# completion is the sum of its tokens' log-probs.
+# (a) $\ln 2$: at step 0 every log-ratio is 0, however it is reduced. (b) Higher, and further. The
+# mean divides each log-ratio by its length (21.6 tokens here), so the loss sees a margin about 20
+# times smaller, its σ weight stays near $\frac12$, and the loss falls slowly (0.6541 against 0.5013
+# at step 30). But Adam normalises the gradient's scale, so the weights move as fast as before with
+# the brake of §2 off: on held-out pairs the summed margin is 14.84 nats against 7.30, and
+# $\rho_w$ −6.89 against −2.05. In effect β is divided by the completion length. (c) `sigmoid_norm`
+# (the cell printed whether your `reduce` equals it). DPO as derived sums: $\log\pi(y\mid x)$ is the
+# sum of the completion's token log-probs.
 # </details>
 
 # %% [markdown]
@@ -1114,18 +1098,17 @@ plt.show()
 print("positions of pair 0:", shared["shared_position_ids"][0, :n].tolist())
 
 # %% [markdown]
-# **The full run.** `python dpo.py` trains LoRA adapters (rank 16 on every linear layer): the
-# policy's LoRA update starts at zero, so at step 0 the policy *is* the reference, and the
-# reference is the same network with its adapters switched off (Appendix B). Every
-# `logging_steps` it writes TRL-named metrics to `output_dir/metrics.jsonl`, batch means of
-# `rewards/chosen` $= \beta\rho_w$, `rewards/rejected` $= \beta\rho_l$, `rewards/margins`
-# $= \beta\Delta$, `rewards/accuracies` (the fraction of pairs with $\Delta > 0$), and `eval_*`,
-# the same on the 280 held-out pairs. The run below is 100 steps (the full demo is one epoch, 265).
+# **The full run.** `python dpo.py` trains LoRA adapters (rank 16 on every linear layer), which start
+# at zero: at step 0 the policy *is* the reference, and the reference is the same network with its
+# adapters off (Appendix B). It logs TRL's metrics (batch means of the notation table's `rewards/*`,
+# and `rewards/accuracies`, the fraction of pairs with $\Delta > 0$) to `output_dir/metrics.jsonl`,
+# and `eval_*`, the same on the 280 held-out pairs. Below, 100 steps (the full demo is 265).
 #
-# The numbers are from one CPU core. On another CPU they move in the third or fourth digit
-# (`tests/test_notebook.py` measures by how much). On a GPU the asserts hold but the trained numbers
-# differ more, and §6's samples are different draws altogether: generation there uses CUDA's random
-# number generator, another stream than the CPU's for the same seed.
+# These numbers are from one thread of one CPU. Other vector kernels, a second thread, or rounding
+# noise in every matrix product moved the trained numbers by up to about 1%, and §6's sampled ones by
+# up to about 5% (measured in `tests/test_notebook.py`). A GPU was not measured: its kernels round
+# differently again, and §6's samples would be other draws altogether, since generation there uses
+# CUDA's random-number generator, another stream than the CPU's for the same seed.
 
 # %% tags=["trained"]
 log = run_main("run", "--max_steps", "100", "--logging_steps", "5", "--eval_steps", "25")
@@ -1133,17 +1116,19 @@ records = [json.loads(line) for line in (WORK / "run" / "metrics.jsonl").read_te
 train_log, eval_log = [r for r in records if "loss" in r], [r for r in records if "eval_loss" in r]
 print(f"{'step':>4} {'eval_loss':>9} {'accuracy':>8} {'βρ_w':>8} {'βρ_l':>8} {'βΔ':>7}")
 for r in eval_log:
-    print(f"{r['step']:>4} {r['eval_loss']:>9.4f} {r['eval_rewards/accuracies']:>8.3f} {r['eval_rewards/chosen']:>8.3f} "
+    print(f"{r['step']:>4} {r['eval_loss']:>9.4f} {r['eval_rewards/accuracies']:>8.3f} "
+          f"{r['eval_rewards/chosen']:>8.3f} "
           f"{r['eval_rewards/rejected']:>8.3f} {r['eval_rewards/margins']:>7.3f}")
 
 fig, axes = plt.subplots(2, 2, figsize=(11, 7), sharex=True)
 panels = [("loss", ["loss"]), ("implicit rewards βρ (nats)", ["rewards/chosen", "rewards/rejected"]),
-          ("reward margin βΔ (nats)", ["rewards/margins"]), ("fraction of pairs with Δ > 0", ["rewards/accuracies"])]
+          ("reward margin βΔ (nats)", ["rewards/margins"]),
+          ("fraction of pairs with Δ > 0", ["rewards/accuracies"])]
 for ax, (ylabel, keys) in zip(axes.flat, panels):
     for key in keys:
         line, = ax.plot([r["step"] for r in train_log], [r[key] for r in train_log], label=key)
-        ax.plot([r["step"] for r in eval_log], [r["eval_" + key] for r in eval_log], "o--", color=line.get_color(),
-                label="eval_" + key)
+        ax.plot([r["step"] for r in eval_log], [r["eval_" + key] for r in eval_log], "o--",
+                color=line.get_color(), label="eval_" + key)
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_ylabel(ylabel)
     ax.legend()
@@ -1161,16 +1146,13 @@ plt.show()
 # %% [markdown]
 # ## 6. What DPO did
 #
-# Preference accuracy says the policy *ranks* two given completions correctly. The paper asks
-# whether it *writes* better ones (Section 6.1): sample completions of held-out prompts from the
-# reference and from the policy, score them with the ground-truth reward, and estimate the KL that
-# Eq. 3 pays for on the policy's own samples,
-# $\mathbb{D}_{\rm KL}(\pi_\theta\|\pi_{\rm ref}) = \mathbb{E}_{y\sim\pi_\theta}
-# [\log\pi_\theta(y\mid x) - \log\pi_{\rm ref}(y\mid x)]$ (nats per sequence). `sample_eval` does
-# both with the same seed for both models. A third measure the reward does not see: **fluency**, the
-# fraction of complete sentences the review grammar that wrote the data can write
-# (`scripts/make_assets.py`'s `grammatical`). The intervals are 95% bootstrap intervals over the
-# prompts: they cover the sampling noise of this one run, not the noise of training it again.
+# Preference accuracy says the policy *ranks* two given completions correctly; the paper asks whether
+# it *writes* better ones (Section 6.1). `sample_eval` samples held-out prompts from both models with
+# the same seed, scores the samples with the true reward, and estimates the KL that Eq. 3 pays for,
+# $\mathbb{E}_{y\sim\pi_\theta}[\log\pi_\theta(y\mid x) - \log\pi_{\rm ref}(y\mid x)]$ nats per
+# sequence. A third measure the reward does not see: **fluency**, the fraction of complete sentences
+# the grammar that wrote the data can write (`scripts/make_assets.py`'s `grammatical`). Intervals
+# are 95% bootstrap intervals over the prompts: sampling noise of this one run, not seed noise.
 
 # %% tags=["sampled"]
 from peft import PeftModel
@@ -1183,7 +1165,7 @@ def fluency(texts):
     """Per text: (grammatical complete sentences, complete sentences)."""
     out = []
     for text in texts:
-        sentences = [s.strip() + " ." for s in text.split(" .")[:-1] if s.strip()]  # the last piece is unfinished
+        sentences = [s.strip() + " ." for s in text.split(" .")[:-1] if s.strip()]  # (the last: unfinished)
         out.append((sum(map(grammatical, sentences)), len(sentences)))
     return out
 
@@ -1205,9 +1187,10 @@ def mean(xs):
 
 
 prompts = [e["prompt_ids"] for e in eval_set[:64]]  # held-out prompts, as dpo.main tokenizes them
-policy = PeftModel.from_pretrained(dpo.load_model(cfg, cfg.model, device, trainable=False), WORK / "run" / "model")
-result = sample_eval(policy, tokenizer, prompts, score=SCORE, reference=None, reward_fn=sentiment_score, seed=0,
-                     show=3)
+policy = PeftModel.from_pretrained(dpo.load_model(cfg, cfg.model, device, trainable=False),
+                                   WORK / "run" / "model")
+result = sample_eval(policy, tokenizer, prompts, score=SCORE, reference=None, reward_fn=sentiment_score,
+                     seed=0, show=3)
 del policy
 samples = result["samples"]
 gain = [s["reward_policy"] - s["reward_reference"] for s in samples]
@@ -1216,20 +1199,19 @@ wins = [(s["reward_policy"] > s["reward_reference"]) + 0.5 * (s["reward_policy"]
 kls = [s["policy_logp"] - s["reference_logp"] for s in samples]
 fluent = {name: fluency([s["prompt"] + " " + s[name] for s in samples]) for name in ("reference", "policy")}
 print(f"\n{'':<18} {'estimate':>8}   95% interval over prompts")
-for label, values, statistic in (("reward gain", gain, mean), ("win rate", wins, mean), ("KL, nats", kls, mean),
-                                 ("fluency, policy", fluent["policy"], ratio),
+for label, values, statistic in (("reward gain", gain, mean), ("win rate", wins, mean),
+                                 ("KL, nats", kls, mean), ("fluency, policy", fluent["policy"], ratio),
                                  ("fluency, reference", fluent["reference"], ratio)):
     low, high = bootstrap(values, statistic)
     print(f"{label:<18} {statistic(values):>8.3f}   {low:.3f} to {high:.3f}")
 
 # %% [markdown]
-# On these 64 prompts the policy gains 4.6 reward per review (interval 3.9 to 5.4) and wins 0.898
-# of the comparisons: it learned what the reward counts. It is 44 nats from the reference, and less
-# than half of its sentences are grammatical (fluency 0.454 against the reference's 0.991); the
-# samples above repeat phrases and break sentences. The reward counts sentiment words and does not
-# see grammar; the KL term of Eq. 3 is what keeps the policy near the fluent reference, and 100
-# steps at the demo's learning rate have spent a lot of it. (One training run: the intervals say
-# nothing about another seed.)
+# On these 64 prompts the policy gains 4.6 reward per review (interval 3.9 to 5.4) and wins 0.898 of
+# the comparisons: it learned what the reward counts. But it is 44 nats from the reference, and less
+# than half of its sentences are grammatical (0.454 against 0.991): the samples repeat phrases and
+# break sentences. The reward counts sentiment words and cannot see grammar; the KL term of Eq. 3 is
+# what keeps the policy near the fluent reference, and 100 steps at the demo's learning rate have
+# spent a lot of it.
 
 # %% [markdown]
 # **Reward against KL (optional).** In Eq. 3, β is the price of a nat of KL, so a smaller β should
@@ -1265,10 +1247,12 @@ for beta_f in FRONTIER_BETAS:
     for seed in FRONTIER_SEEDS:
         policy = train_lora(beta_f, FRONTIER_STEPS, seed)
         with contextlib.redirect_stdout(io.StringIO()):
-            out = sample_eval(policy, tokenizer, prompts[:32], score=SCORE, reference=None, reward_fn=sentiment_score,
+            out = sample_eval(policy, tokenizer, prompts[:32], score=SCORE, reference=None,
+                              reward_fn=sentiment_score,
                               num_samples=2, seed=1, show=0)
+        texts_f = [s["prompt"] + " " + s["policy"] for s in out["samples"]]
         frontier[beta_f, seed] = dict(kl=out["kl"], reward=out["reward_policy"], length=out["length_policy"],
-                                      fluency=ratio(fluency([s["prompt"] + " " + s["policy"] for s in out["samples"]])))
+                                      fluency=ratio(fluency(texts_f)))
         del policy
 reference_point = dict(kl=0.0, reward=out["reward_reference"], length=out["length_reference"],
                        fluency=ratio(fluency([s["prompt"] + " " + s["reference"] for s in out["samples"]])))
@@ -1277,8 +1261,8 @@ print(f"{'ref.':>5}  {0:>25.1f}  {reference_point['reward']:>19.2f}  {reference_
       f"{reference_point['length']:>6.1f}")
 for beta_f in FRONTIER_BETAS:
     runs = [frontier[beta_f, s] for s in FRONTIER_SEEDS]
-    cells = {k: f"{mean([r[k] for r in runs]):.2f} ({min(r[k] for r in runs):.2f}–{max(r[k] for r in runs):.2f})"
-             for k in ("kl", "reward", "fluency")}
+    cells = {k: f"{mean([r[k] for r in runs]):.2f} ({min(r[k] for r in runs):.2f}–"
+                f"{max(r[k] for r in runs):.2f})" for k in ("kl", "reward", "fluency")}
     print(f"{beta_f:>5}  {cells['kl']:>25}  {cells['reward']:>19}  {cells['fluency']:>19}  "
           f"{mean([r['length'] for r in runs]):>6.1f}")
 
@@ -1286,8 +1270,9 @@ fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharex=True)
 for ax, key, ylabel in ((axes[0], "reward", "mean reward of samples"), (axes[1], "fluency", "fluency")):
     ax.plot([0], [reference_point[key]], "k*", markersize=12, label="reference (SFT model)")
     for beta_f in FRONTIER_BETAS:
-        ax.plot([frontier[beta_f, s]["kl"] for s in FRONTIER_SEEDS], [frontier[beta_f, s][key] for s in FRONTIER_SEEDS],
-                "o", markersize=7, label=f"β = {beta_f}, {len(FRONTIER_SEEDS)} seeds")
+        ax.plot([frontier[beta_f, s]["kl"] for s in FRONTIER_SEEDS],
+                [frontier[beta_f, s][key] for s in FRONTIER_SEEDS], "o", markersize=7,
+                label=f"β = {beta_f}, {len(FRONTIER_SEEDS)} seeds")
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("KL(π_θ ‖ π_ref), nats per sequence (log scale above 1)")
     ax.set_ylabel(ylabel)
@@ -1297,43 +1282,37 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# What the table shows, with three seeds per β. The mean KL falls as β rises (6.83, 4.22 and 1.07
-# nats for β = 0.03, 0.3 and 3), but single runs overlap: the β = 0.03 and β = 0.3 ranges share
-# 4.73 to 5.77 nats, the seed moving a run about as much as a tenfold β. The mean reward rises from
-# the reference's −0.45 to 1.67 at β = 3 and to about 2.5 at both smaller β: the extra KL of
-# β = 0.03 bought no more reward (2.55 against 2.54), only less fluency (0.87 against 0.91). That is
-# the trade-off of Eq. 3 at this scale: past a few nats, more KL bought no more reward. With three
-# seeds and 64 samples per run, smaller differences than these are noise (one run's reward gain,
-# from 64 samples, had a bootstrap interval 1.5 wide in §6's first cell).
+# With three seeds per β: the mean KL falls as β rises (6.83, 4.22 and 1.07 nats for β = 0.03, 0.3
+# and 3), but single runs overlap (the β = 0.03 and 0.3 ranges share 4.73 to 5.77 nats): a seed moves
+# a run about as much as a tenfold β. The mean reward rises from the reference's −0.45 to 1.67 at
+# β = 3 and to about 2.5 at both smaller β: the extra KL of β = 0.03 bought no more reward (2.55
+# against 2.54), only less fluency (0.87 against 0.91). Differences smaller than these are noise here
+# (one run's reward gain from 64 samples had an interval 1.5 wide in the cell above).
 
 # %% [markdown]
 # ## Appendix A. The other loss variants
 #
-# The fourteen variants not drawn in §3, with the same parameterisation (β = 1, $|y| = 1$,
-# $\rho_w = \Delta/2$, $\rho_l = -\Delta/2$, reference log-probs −4), in four groups; the dashed
-# line is DPO. Their values at $\Delta = 0$ are checked in §3.
+# The fourteen variants not drawn in §3, in the same setting (β = 1, $|y| = 1$, $\rho_w = \Delta/2$,
+# $\rho_l = -\Delta/2$), in four groups; the dashed line is DPO. §3 checks their values at 0.
 #
-# - `exo_pair` (ε = 10⁻³) pulls hardest near $\Delta = 0$; `robust` (ε = 0.1) subtracts a linear
-#   term, so its weight never reaches 0; `discopop` is not convex: its gate
-#   $\sigma(\beta\Delta/\tau)$, τ = 0.05, switches between a logistic and an exponential term
-#   within about ±0.2 of 0, where its weight dips below zero (−0.78 at $\Delta = 0$).
-# - `nca_pair`, `bco_pair` and `sppo_hard` score $\rho_w$ and $\rho_l$ separately, so their curves
-#   depend on how $\Delta$ is split (here evenly); `sppo_hard` is two squares with targets
-#   $\rho_w = \frac{1}{2\beta}$, $\rho_l = -\frac{1}{2\beta}$.
-# - `apo_zero` and `apo_down` too; `apo_down` (meant for chosen completions *worse* than the
-#   model's own) penalises a rising $\rho_w$, so past some margin its loss rises with $\Delta$, as
-#   does `nca_pair`'s.
-# - `aot` and `aot_unpaired` sort over the batch, so with one pair they are DPO; `sigmoid_norm` and
-#   `rdpo` equal DPO with equal one-token lengths; `sft` and `orpo` carry an NLL term whose gradient
-#   does not vanish.
+# - `exo_pair` (ε = 10⁻³) pulls hardest near 0; `robust` (ε = 0.1) subtracts a linear term, so its
+#   weight never reaches 0; `discopop`'s gate switches between a logistic and an exponential term
+#   within about ±0.2 of 0, where its weight dips below zero (−0.78 at 0).
+# - `nca_pair`, `bco_pair`, `sppo_hard`, `apo_zero` and `apo_down` score $\rho_w$ and $\rho_l$
+#   separately, so their curves depend on how $\Delta$ is split (here evenly); `nca_pair` and
+#   `apo_down` penalise a rising $\rho_w$, so past some margin their loss rises with $\Delta$.
+# - `aot` and `aot_unpaired` sort over the batch (one pair: DPO); `sigmoid_norm` and `rdpo` equal DPO
+#   for equal one-token lengths; `sft` and `orpo` add an NLL whose gradient does not vanish.
 
 # %%
 GROUPS = [["exo_pair", "robust", "discopop"], ["nca_pair", "bco_pair", "sppo_hard"], ["apo_zero", "apo_down"],
           ["aot", "aot_unpaired", "sigmoid_norm", "rdpo", "sft", "orpo"]]
-assert sorted(sum(GROUPS, [])) == sorted(n for n in losses.LOSS_TYPES if n not in {n for n, _ in MAIN.values()})
+drawn = {name for name, _ in MAIN.values()}
+assert sorted(sum(GROUPS, [])) == sorted(n for n in losses.LOSS_TYPES if n not in drawn)
 fig, axes = plt.subplots(len(GROUPS), 2, figsize=(11, 3.2 * len(GROUPS)), sharex=True)
 for group, row in zip(GROUPS, axes):
-    for col, (ylabel, ylim) in enumerate((("loss ℓ(Δ)", (-0.5, 6)), ("gradient weight −dℓ/dΔ", (-1.5, 2)))):
+    for col, (ylabel, ylim) in enumerate((("loss ℓ(Δ)", (-0.5, 6)),
+                                          ("gradient weight −dℓ/dΔ", (-1.5, 2)))):
         row[col].plot(grid, [v[col] for v in main_curves["DPO"]], "k--", lw=1, label="DPO")
         for name in group:
             row[col].plot(grid, [loss_and_weight(name, m)[col] for m in grid], lw=1.8, label=name)
@@ -1365,8 +1344,9 @@ plt.show()
 
 # %%
 def count(model):
-    # parameters as the model sees them: a packed 4-bit weight holds 2 per byte, quant_state has the real shape
-    total = sum(p.quant_state.shape.numel() if hasattr(p, "quant_state") else p.numel() for p in model.parameters())
+    # parameters as the model sees them: a packed 4-bit weight holds 2 per byte; quant_state has its shape
+    total = sum(p.quant_state.shape.numel() if hasattr(p, "quant_state") else p.numel()
+                for p in model.parameters())
     return total, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
@@ -1379,8 +1359,9 @@ for mode, args in (("full", ["--use_peft", "False"]), ("LoRA", []), ("QLoRA", ["
     print(f"{mode:<8} {total:>11,} {trainable:>10,} {trainable / total:>7.1%} "
           f"{models[mode].get_memory_footprint() / 2**20:>14.2f} MiB")
 weight = models["QLoRA"].base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight
-print(f"QLoRA's first attention projection stores {type(weight).__name__} {weight.dtype} {tuple(weight.shape)}: "
-      f"{weight.quant_state.shape.numel():,} weights in {weight.numel():,} bytes, blocksize {weight.quant_state.blocksize}")
+print(f"QLoRA's first attention projection stores {type(weight).__name__} {weight.dtype} "
+      f"{tuple(weight.shape)}: {weight.quant_state.shape.numel():,} weights in {weight.numel():,} bytes, "
+      f"blocksize {weight.quant_state.blocksize}")
 
 # %% [markdown]
 # **Memory arithmetic**, costed as `dpo.main` builds each mode, for one micro-batch of one pair of
@@ -1431,7 +1412,7 @@ tiny = models["full"].config
 tiny_c = dict(hidden=tiny.hidden_size, heads=tiny.num_attention_heads, kv_heads=tiny.num_key_value_heads,
               inter=tiny.intermediate_size, layers=tiny.num_hidden_layers, vocab=tiny.vocab_size,
               tied=tiny.tie_word_embeddings, qkv_bias=False)
-assert parameters(tiny_c)[2] == count(models["full"])[0], "the parameter formula does not match the shipped model"
+assert parameters(tiny_c)[2] == count(models["full"])[0], "the parameter formula misses the shipped model"
 assert lora_parameters(tiny_c, cfg.lora_r) == count(models["LoRA"])[1], "the LoRA formula does not match peft"
 del models
 
@@ -1445,33 +1426,36 @@ configs = {  # from each model's config.json on the Hugging Face hub
 }
 chunk = inspect.signature(dpo.completion_logps).parameters["chunk_tokens"].default
 GiB, n_tokens, overhead, cards = 2**30, 2 * 1024, 1.0, (15.0, 22.5)
-print(f"the formulas match the shipped model (N = {parameters(tiny_c)[2]:,}, LoRA P = {lora_parameters(tiny_c):,}); "
+print(f"the formulas match the shipped model (N = {parameters(tiny_c)[2]:,}, "
+      f"LoRA P = {lora_parameters(tiny_c):,}); "
       f"dpo.completion_logps's chunk_tokens C = {chunk}\n")
-print(f"{'model':<13} {'N':>6} {'method':<6} {'policy':>7} {'ref':>6} {'grad+Adam':>9} {'activ.':>7} {'logits':>7} "
+print(f"{'model':<13} {'N':>6} {'method':<6} {'policy':>7} {'ref':>6} {'grad+Adam':>9} {'activ.':>7} "
+      f"{'logits':>7} "
       f"{'GiB':>6}  {'≤ 15':>5} {'≤ 22.5':>6}")
 for name, c in configs.items():
     n_lin, n_emb, n_all = parameters(c)
     p = lora_parameters(c)
     d_kv = c["hidden"] // c["heads"] * c["kv_heads"]
-    activations = 2 * n_tokens * c["hidden"] * c["layers"] + 2 * n_tokens * (6 * c["hidden"] + 2 * d_kv + 4 * c["inter"])
-    for method, weights, ref, trainable in (("full", 4 * n_all, 4 * n_all, 12 * n_all), ("LoRA", 2 * n_all, 0, 16 * p),
+    activations = (2 * n_tokens * c["hidden"] * c["layers"]
+                   + 2 * n_tokens * (6 * c["hidden"] + 2 * d_kv + 4 * c["inter"]))
+    for method, weights, ref, trainable in (("full", 4 * n_all, 4 * n_all, 12 * n_all),
+                                            ("LoRA", 2 * n_all, 0, 16 * p),
                                             ("QLoRA", 4.127 / 8 * n_lin + 2 * n_emb, 0, 16 * p)):
-        terms = [weights / GiB, ref / GiB, trainable / GiB, activations / GiB, 2 * 4 * chunk * c["vocab"] / GiB]
+        logits = 2 * 4 * chunk * c["vocab"]
+        terms = [weights / GiB, ref / GiB, trainable / GiB, activations / GiB, logits / GiB]
         total = sum(terms) + overhead
         print(f"{name:<13} {n_all / 1e9:>5.2f}B {method:<6} "
               + " ".join(f"{t:>{width}.2f}" for t, width in zip(terms, (7, 6, 9, 7, 7)))
-              + f" {total:>6.1f}  " + " ".join(f"{'yes' if total <= card else 'no':>{w}}" for card, w in zip(cards, (5, 6))))
+              + f" {total:>6.1f}  "
+              + " ".join(f"{'yes' if total <= card else 'no':>{w}}" for card, w in zip(cards, (5, 6))))
 
 # %% [markdown]
-# Reading the table. Full fine-tuning as `dpo.py` does it (fp32 weights, an fp32 reference copy,
-# AdamW) costs 20 bytes per parameter before any activation: 0.5B needs 10.7 GiB, 7–8B need 137–152
-# GiB. LoRA drops the reference copy and the base's optimizer state and keeps the base in bf16:
-# Mistral-7B needs 16.0 GiB, more than a 16 GB card's 15, and Llama-3.1-8B 17.6; both fit 22.5.
-# QLoRA stores each linear weight in about half a byte: 6.3 and 8.0 GiB. What is left is mostly
-# Llama-3's embedding and LM head in bf16 (1.96 GiB for its 128k vocabulary) and the activations.
-# The logits column is one chunk of $C$ = 256 tokens in fp32, twice. Longer rows or more pairs per
-# micro-batch grow the activations in proportion; `--gradient_accumulation_steps` grows the batch
-# without them.
+# Reading the table. Full fine-tuning as `dpo.py` does it costs 20 bytes per parameter before any
+# activation: 10.7 GiB for 0.5B, 137–152 GiB for 7–8B. LoRA drops the reference copy and the base's
+# optimizer state and keeps the base in bf16: Mistral-7B needs 16.0 GiB, more than a 16 GB card's
+# 15, Llama-3.1-8B 17.6; both fit 22.5. QLoRA stores each linear weight in about half a byte: 6.3
+# and 8.0 GiB, of which 1.96 GiB is Llama-3's bf16 embedding and LM head. Longer rows or more pairs
+# per micro-batch grow the activations in proportion; `--gradient_accumulation_steps` does not.
 
 # %%
 shutil.rmtree(WORK)  # the runs of §5 and §6; comment this out to keep them

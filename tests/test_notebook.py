@@ -1,43 +1,46 @@
-"""walkthrough.py (the jupytext percent-format source) and walkthrough.ipynb (committed with its outputs, so that
-GitHub renders every plot and number) hold the same cells, and the committed outputs are what a fresh run gives.
+"""walkthrough.py (the jupytext percent-format source) and walkthrough.ipynb (committed with its outputs,
+so that GitHub renders every plot and number) hold the same cells, and the committed outputs are what a fresh
+run gives.
 
-The notebook checks its own numbers with asserts (the RLHF optimum of Eq. 4 against the minimiser of Eq. 7, the
-margin recurrence, every loss at Δ = 0 against its closed form, its own DPO trainer against data.py and dpo.main,
-the Eq. 7 gradient, the parameter formulas against the shipped model), so executing it is the first test: a
-failing assert or an exception fails here. The second is that nobody committed outputs of an older source, or
-forgot to re-execute after an edit:
+The notebook checks its own numbers with asserts (the RLHF optimum of Eq. 4 against the minimiser of Eq. 7,
+the margin recurrence, every loss at Δ = 0 against its closed form, its own DPO trainer against data.py and
+dpo.main, the Eq. 7 gradient, the parameter formulas against the shipped model), so executing it is the first
+test: a failing assert or an exception fails here. The second is that nobody committed outputs of an older
+source, or forgot to re-execute after an edit:
 
-- the same cells, code cells with outputs of the same kinds in the same order (stream name, or the MIME types of
-  a display: an image must still be there; its pixels are not compared);
+- the same cells, code cells with outputs of the same kinds in the same order (stream name, or the MIME types
+  of a display: an image must still be there; its pixels are not compared);
 - every output line with the same words once its numbers are taken out;
-- numbers of untagged cells: equal as printed, up to one unit of their last printed digit (a value on a rounding
-  boundary may print either way on another CPU). These cells compute in float64, run forward passes of the
-  untrained model, or a few exact steps: nothing in them grows a rounding difference;
+- numbers of untagged cells: equal as printed, up to one unit of their last printed digit (a value on a
+  rounding boundary may print either way on another CPU). These cells compute in float64, run forward passes
+  of the untrained model, or a few exact steps: nothing in them grows a rounding difference;
 - numbers of cells tagged "trained" (`# %% tags=["trained"]`: training runs) or "sampled" (samples of trained
-  policies) within TOLERANCES[tag] of the committed value, plus one unit of the last printed digit. In "sampled"
-  cells the lines of a trained policy's sampled text (SAMPLED_LINES) are skipped: a sampled token flips where a
-  probability moved across the random draw, and the rest of that sample differs;
+  policies): within TOLERANCES[tag] of the committed value, plus one unit of the last printed digit. In
+  "sampled" cells the lines of a trained policy's sampled text (SAMPLED_LINES) are skipped: a sampled token
+  flips where a probability moved across the random draw, and the rest of that sample differs;
 - lines containing "wall time:" are timings and are skipped.
 
 Where TOLERANCES come from: `python tests/test_notebook.py --spread` executes the notebook plainly and under
-settings that round differently, on the same machine, and prints the largest relative difference per tagged cell
-(and any untagged number that moved beyond its last digit, and any line whose words changed). Measured on an AMD
-EPYC with AVX-512, torch 2.13.0 CPU, 2025-12, largest relative difference of trained | sampled numbers:
-  ATEN_CPU_CAPABILITY=avx2 (torch's other vector kernels: softmax, sums, elementwise)   4.7e-3 | 8.3e-3
-  MKL_ENABLE_INSTRUCTIONS=AVX2 (other GEMM kernels)                                    none   | none
-  every nn.Linear input moved by -1, 0 or +1 ulp (a different CPU's rounding)          1.1e-2 | 5.1e-2
-  two threads instead of one (other reduction splits)*                                2.0e-3 | 6.6e-3
-(untagged numbers: none beyond their last digit in any setting; words: one line, under the ulp noise only, where
-two forwards of equal weights got different noise, which a real CPU does not do). *Two threads: §5's 100-step
-run and §6's sample_eval as a script, dpo.main's --cpu_threads 1 against 2; the whole notebook on two threads ran
-past nbclient's 600 s cell limit on this shared machine. The previous edition's
-committed outputs, made on another CPU, differed from this machine's by 2.5e-3 (a reward after 100 steps,
--2.5534 against -2.5599) and 6.6e-3 (a mean reward of samples), as two threads against one do here. TOLERANCES
-are about three times the largest measured.
+settings that round differently, on the same machine, and prints the largest relative difference per tagged
+cell (and any untagged number that moved beyond its last digit, and any line whose words changed). Measured on
+an AMD EPYC with AVX-512, torch 2.13.0 CPU, 2025-12; largest relative difference of the trained | sampled
+numbers:
+  ATEN_CPU_CAPABILITY=avx2 (torch's other vector kernels: softmax, sums, ...)     4.7e-3 | 8.3e-3
+  MKL_ENABLE_INSTRUCTIONS=AVX2 (other GEMM kernels)                              none   | none
+  every nn.Linear input moved by -1, 0 or +1 ulp (another CPU's rounding)         1.1e-2 | 5.1e-2
+  two threads instead of one (other reduction splits)*                           2.0e-3 | 6.6e-3
+Untagged numbers: none beyond their last digit in any setting; words: one line, under the ulp noise only,
+where two forwards of equal weights got different noise, which a real CPU does not do. *Two threads: §5's
+100-step run and §6's sample_eval as a script, dpo.main's --cpu_threads 1 against 2; the whole notebook on two
+threads ran past nbclient's 600 s cell limit on this shared machine. The previous edition's committed outputs,
+made on another CPU, differed from this machine's by 2.5e-3 (a reward after 100 steps, -2.5534 against
+-2.5599) and 6.6e-3 (a mean reward of samples), as two threads against one do here. TOLERANCES are about three
+times the largest measured.
 
-The fresh run must take under NOTEBOOK_BUDGET_S of CPU time: the notebook runs on one thread, so that is its time
-on one free core (the clock time of a machine shared with other jobs can be several times longer). Re-sync the two files after an edit with
-`jupytext --to ipynb walkthrough.py && jupyter execute --inplace walkthrough.ipynb` (see the README).
+The fresh run must take under NOTEBOOK_BUDGET_S of CPU time: the notebook runs on one thread, so that is its
+time on one free core (the clock time of a machine shared with other jobs can be several times longer).
+Re-sync the two files after an edit with `jupytext --to ipynb walkthrough.py && jupyter execute --inplace
+walkthrough.ipynb` (see the README).
 """
 
 import copy
@@ -61,7 +64,7 @@ MAX_NOTEBOOK_BYTES = 2_000_000
 # relative tolerance of the numbers in cells with these tags (see the docstring for the measurements)
 TOLERANCES = {"trained": 0.035, "sampled": 0.15}
 SKIP_LINE = "wall time:"
-SAMPLED_LINES = ("policy:",)  # sample_eval's lines of a trained policy's sampled text, skipped in "sampled" cells
+SAMPLED_LINES = ("policy:",)  # sample_eval's lines of a trained policy's text, skipped in "sampled" cells
 # a number as the notebook prints it: 12, -0.6931, 1,234,567 (thousands), 1.5e-06
 NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")
 # the text that stands for the Python objects' addresses in a repr (<Figure ... at 0x7f...>)
@@ -78,12 +81,15 @@ def test_paired_files_hold_the_same_cells():
         "walkthrough.ipynb is not paired with walkthrough.py (jupytext metadata formats: ipynb,py:percent)")
     assert cells(source) == cells(notebook), (
         "walkthrough.py and walkthrough.ipynb differ: edit walkthrough.py, then run `jupytext --to ipynb "
-        "walkthrough.py && jupyter execute --inplace walkthrough.ipynb` (or `jupytext --sync walkthrough.py`)")
+        "walkthrough.py && jupyter execute --inplace walkthrough.ipynb` "
+        "(or `jupytext --sync walkthrough.py`)")
     assert [tags(c) for c in source.cells] == [tags(c) for c in notebook.cells], "the cells' tags differ"
     size = NOTEBOOK.stat().st_size
-    assert size < MAX_NOTEBOOK_BYTES, f"walkthrough.ipynb is {size:,} bytes; keep it under {MAX_NOTEBOOK_BYTES:,}"
+    assert size < MAX_NOTEBOOK_BYTES, (
+        f"walkthrough.ipynb is {size:,} bytes; keep it under {MAX_NOTEBOOK_BYTES:,}")
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    missing = [k for k, cell in enumerate(nb.cells) if cell.cell_type == "code" and not cell.get("execution_count")]
+    missing = [k for k, cell in enumerate(nb.cells)
+               if cell.cell_type == "code" and not cell.get("execution_count")]
     assert not missing, f"cells {missing} of walkthrough.ipynb were not executed: commit it with its outputs"
 
 
@@ -102,7 +108,7 @@ def kinds(outputs):
     described = []
     for out in outputs:
         if out["output_type"] == "stream":
-            if described[-1:] != [("stream", out["name"])]:  # how a print is split into messages varies: one entry
+            if described[-1:] != [("stream", out["name"])]:  # a print's split into messages varies: one entry
                 described.append(("stream", out["name"]))
         elif out["output_type"] in ("display_data", "execute_result"):
             described.append((out["output_type"], tuple(sorted(out["data"]))))
@@ -112,8 +118,9 @@ def kinds(outputs):
 
 
 def texts(outputs, sampled=False):
-    """The text of the outputs: streams joined by name (a kernel may split one print into several messages), and
-    each display's text/plain, with timing lines, sampled text of trained policies and object addresses left out."""
+    """The text of the outputs: streams joined by name (a kernel may split one print into several messages),
+    and each display's text/plain, without timing lines, a trained policy's sampled text (if `sampled`) and
+    object addresses."""
     pieces = {}
     for k, out in enumerate(outputs):
         if out["output_type"] == "stream":
@@ -133,8 +140,8 @@ def last_digit(printed):
 
 
 def compare_line(committed, fresh, rel):
-    """None if the lines agree (same words; each number within rel plus one unit of its last printed digit, with
-    a hair of float slack), else a description of the difference."""
+    """None if the lines agree (same words; each number within rel plus one unit of its last printed digit,
+    with a hair of float slack), else a description of the difference."""
     if NUMBER.split(committed) != NUMBER.split(fresh):
         return f"text differs:\n    committed: {committed}\n    fresh:     {fresh}"
     for a, b in zip(NUMBER.findall(committed), NUMBER.findall(fresh)):
@@ -147,8 +154,8 @@ def compare_line(committed, fresh, rel):
 def execute_fresh(nb, preamble=None):
     """Run every code cell of nb in place, in the kernel 'python3' with the repository root as working folder
     (after `preamble`, a code string, if given); returns the kernel's CPU seconds. The kernel's check, the
-    preamble and the CPU clock run as extra cells, removed afterwards: nbclient stores each executed cell back at
-    its index in nb."""
+    preamble and the CPU clock run as extra cells, removed afterwards: nbclient stores each executed cell back
+    at its index in nb."""
     probe = nbformat.v4.new_code_cell("import sys; print(sys.prefix); print(sys.executable)")
     extra = [probe] + ([nbformat.v4.new_code_cell(preamble)] if preamble else [])
     clock = nbformat.v4.new_code_cell("import resource as _r; _u = _r.getrusage(_r.RUSAGE_SELF); "
@@ -163,8 +170,9 @@ def execute_fresh(nb, preamble=None):
             prefix, executable = "".join(o["text"] for o in nb.cells[0].outputs
                                          if o["output_type"] == "stream").splitlines()
             assert prefix == sys.prefix, (
-                f"the Jupyter kernel 'python3' runs {executable}, not this environment's Python ({sys.executable}); "
-                f"register it with `{sys.executable} -m ipykernel install --user --name python3`")
+                f"the Jupyter kernel 'python3' runs {executable}, not this environment's Python "
+                f"({sys.executable}); register it with "
+                f"`{sys.executable} -m ipykernel install --user --name python3`")
             for index, cell in enumerate(nb.cells[1:], start=1):
                 if cell.cell_type == "code":
                     client.execute_cell(cell, index)  # raises CellExecutionError, with the cell and traceback
@@ -212,13 +220,14 @@ def differences(committed, fresh):
 
 
 def test_notebook_runs_and_its_committed_outputs_are_what_a_fresh_run_gives(tmp_path, monkeypatch):
-    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel inherits it: the notebook's run folder lands here
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # the kernel inherits it: the notebook's runs land here
     committed = nbformat.read(NOTEBOOK, as_version=4)
     fresh = cleared(committed)
     start = time.time()
     cpu = execute_fresh(fresh)
-    assert cpu < NOTEBOOK_BUDGET_S, (f"the notebook took {cpu:.0f} s of CPU time ({time.time() - start:.0f} s on the "
-                                     f"clock), more than its {NOTEBOOK_BUDGET_S} s budget on one core")
+    assert cpu < NOTEBOOK_BUDGET_S, (
+        f"the notebook took {cpu:.0f} s of CPU time ({time.time() - start:.0f} s on the clock), more than "
+        f"its {NOTEBOOK_BUDGET_S} s budget on one core")
     problems = differences(committed, fresh)
     assert not problems, (
         "the committed outputs of walkthrough.ipynb are not what a fresh run gives; re-execute it with "
@@ -255,15 +264,16 @@ VARIANTS = {
 
 
 def spread(baseline, other):
-    """`other` against `baseline`, two executions of the notebook: {cell index: (largest relative difference of
-    its trained numbers, the line)}, the untagged numbers that moved beyond their last digit, and the lines whose
-    words differ."""
+    """`other` against `baseline`, two executions of the notebook: {cell index: (largest relative difference
+    of its tagged numbers, the line)}, the untagged numbers that moved beyond their last digit, and the lines
+    whose words differ."""
     largest, moved, reworded = {}, [], []
     for index, (old, new) in enumerate(zip(baseline.cells, other.cells)):
         if old.cell_type != "code":
             continue
         trained = tolerance(old) > 0
-        old_texts, new_texts = texts(old.outputs, "sampled" in tags(old)), texts(new.outputs, "sampled" in tags(old))
+        sampled = "sampled" in tags(old)
+        old_texts, new_texts = texts(old.outputs, sampled), texts(new.outputs, sampled)
         for key in old_texts:
             for a, b in zip(old_texts[key], new_texts.get(key, [])):
                 if NUMBER.split(a) != NUMBER.split(b):
@@ -272,8 +282,9 @@ def spread(baseline, other):
                 for p, q in zip(NUMBER.findall(a), NUMBER.findall(b)):
                     x, y = float(p.replace(",", "")), float(q.replace(",", ""))
                     beyond = abs(x - y) > 1.000001 * max(last_digit(p), last_digit(q))
-                    if trained and beyond and abs(x - y) / max(abs(x), abs(y)) > largest.get(index, (0.0,))[0]:
-                        largest[index] = (abs(x - y) / max(abs(x), abs(y)), f"{p} -> {q} in {a.strip()!r}")
+                    relative = abs(x - y) / max(abs(x), abs(y)) if beyond else 0.0
+                    if trained and relative > largest.get(index, (0.0,))[0]:
+                        largest[index] = (relative, f"{p} -> {q} in {a.strip()!r}")
                     elif not trained and beyond:
                         moved.append(f"cell {index}: {p} -> {q} in {a!r}")
     return largest, moved, reworded
@@ -300,8 +311,8 @@ def measure_spread(only=(), out=Path(os.environ.get("TMPDIR", "/tmp"))):
         nbformat.write(other, out / f"walkthrough-{re.sub(r'[^A-Za-z0-9]+', '-', name)}.ipynb")
         largest, moved, reworded = spread(baseline, other)
         overall = max((v[0] for v in largest.values()), default=0.0)
-        print(f"{name}: trained numbers differ by at most {overall:.2e} (relative); untagged numbers beyond their "
-              f"last digit: {len(moved)}; lines with other words: {len(reworded)}", flush=True)
+        print(f"{name}: tagged numbers differ by at most {overall:.2e} (relative); untagged numbers beyond "
+              f"their last digit: {len(moved)}; lines with other words: {len(reworded)}", flush=True)
         for index, (value, line) in sorted(largest.items()):
             print(f"    cell {index}: {value:.2e}  {line[:150]}", flush=True)
         for line in moved[:5] + reworded[:5]:
