@@ -297,3 +297,19 @@ def test_full_fine_tuning_imports_neither_peft_nor_bitsandbytes(tiny, tmp_path):
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "imported: []" in run.stdout, run.stdout[-500:]
+
+
+def test_disable_dropout_also_zeroes_the_attention_dropout_rate(tmp_path):
+    """Llama passes config.attention_dropout to SDPA as a float, not through an nn.Dropout: with it at 0.1, two
+    train-mode forwards differ; after --disable_dropout (the default) they are identical."""
+    from tiny import make_model_dir
+
+    path = make_model_dir(tmp_path / "model", attention_dropout=0.1)
+    ids = torch.arange(3, 19)[None]
+    for disable, same in ((False, False), (True, True)):
+        cfg = config({"model": path, "dataset": path}, tmp_path / "out", "--use_peft", "False",
+                     "--disable_dropout", str(disable), "--bf16", "False")
+        model = dpo.load_model(cfg, path, torch.device("cpu"), trainable=True)
+        with torch.no_grad():
+            first, second = (model(input_ids=ids).logits for _ in range(2))
+        assert torch.equal(first, second) == same
