@@ -19,6 +19,7 @@ plumbing (options, checks, checkpoints, logging, signals) is in harness/; a read
 """
 import contextlib
 import copy
+import functools
 import math
 import sys
 from pathlib import Path
@@ -344,10 +345,15 @@ def micro_batches(cfg: Config, n_pairs: int, step: int, steps_per_epoch: int) ->
     """The pair indices of each micro-batch of optimizer step `step`. Each epoch's order depends only on
     (seed, epoch), so a resumed run sees the same batches as an uninterrupted one."""
     epoch, offset = divmod(step, steps_per_epoch)
-    order = torch.randperm(n_pairs, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    order = epoch_order(cfg.seed + epoch, n_pairs)
     size, k = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    micro = [order[i:i + size] for i in range(0, n_pairs, size)]
-    return micro[offset * k:(offset + 1) * k]
+    start = offset * k * size
+    return [order[i:i + size] for i in range(start, min(start + k * size, n_pairs), size)]
+
+
+@functools.lru_cache(maxsize=1)  # drawn once per epoch, not at every step
+def epoch_order(seed: int, n_pairs: int) -> list[int]:
+    return torch.randperm(n_pairs, generator=torch.Generator().manual_seed(seed)).tolist()
 
 
 def main(cfg: Config):
