@@ -157,7 +157,7 @@ def positions_problem(model, c) -> str | None:
         return "its ALiBi biases come from key indices, not from position ids"
     if "position_ids" not in inspect.signature(model.get_decoder().forward).parameters:
         return "its decoder takes no position ids"
-    rope = c.to_dict().get("rope_parameters") or {}
+    rope = c.to_dict().get("rope_parameters") or c.to_dict().get("rope_scaling") or {}  # (transformers < 5.x)
     for kind in {rope.get("rope_type")} | {p.get("rope_type") for p in rope.values() if isinstance(p, dict)}:
         if kind and ("dynamic" in kind or kind == "longrope"):  # transformers' dynamic_rope_update
             return f"its RoPE scaling ({kind}) follows the batch's largest position, which padding changes"
