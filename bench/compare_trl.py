@@ -76,12 +76,13 @@ def preference_rows(data_choice="auto", max_length=256, n_max=4000):
     """Real preference text (HH, else the shipped assets), else seeded synthetic pairs. Rows get an explicit prompt,
     split by this project's data.extract_prompt, so both trainers see exactly the same prompt and completions."""
     import data
+    from harness import datafiles
 
     if data_choice == "auto" and HH.exists():
         with gzip.open(HH, "rt") as f:
             rows, source = [json.loads(line) for line in f][:n_max], str(HH)
     elif data_choice == "auto" and ASSETS.exists():
-        train, _ = data.load_preference_dataset(str(ASSETS), eval_fraction=0)
+        train, _ = datafiles.load_preference_dataset(str(ASSETS), eval_fraction=0)
         rows, source = train.to_list()[:n_max], str(ASSETS)
     else:
         rows = synthetic_rows(min(n_max, 1000), max_length)
@@ -261,7 +262,9 @@ def run_ours(spec):
         result["peak_memory_mib"], result["peak_reserved_mib"] = peak_memory_mib(spec["device"]), peak_reserved_mib(spec["device"])
 
     dpo.collate_batch, dpo.make_optimizer, dpo.precompute_reference = counting_collate, clocked_make_optimizer, clocked_precompute
-    dpo.checkpoints.save_model, dpo.checks.plot_curves = done, lambda *a: None
+    from harness import checkpoints, checks  # (harness/run.py's finish calls these after the last step)
+
+    checkpoints.save_model, checks.plot_curves = done, lambda *a: None
     out = Path(spec["out"])
     argv = ["--model", spec["model"], "--dataset", spec["data_ours"], "--output_dir", str(out),
             "--max_steps", str(spec["steps"]), "--per_device_train_batch_size", str(spec["batch_size"]),

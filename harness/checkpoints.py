@@ -10,11 +10,24 @@ what is wrong, where, what to do (and the last intact checkpoint when a write fa
                                    ref_model.safetensors  the reference, only with --sync_ref_model (TR-DPO moves it)
                                    optimizer.pt           optimizer and scheduler state, read with weights_only=True
                                    rng.safetensors        the CPU (and CUDA) random state
-                                   trainer_state.json     the loop's own state (global_step, ...), from the caller
+                                   trainer_state.json     the loop's own state (global_step, ...), from the
+                                                          caller, and the checkpoint's place in its line
                                    manifest.json          {"files": {name: {"size", "sha256"}}}, written last
+    output_dir/line.json           the line of checkpoints the run writing there continues
 
 A checkpoint without manifest.json (written by dpo.py before manifests) is loaded when named explicitly, with a
 printed note that its files cannot be verified; `latest` only picks checkpoints with a manifest.
+
+Lines. Resuming from an earlier checkpoint (a rollback, say with a lower learning rate) abandons what the
+first run saved after it: checkpoint-8 of the abandoned run is not the past of the new one, though its step is
+higher. So each checkpoint records its id and its line, the checkpoints it continues, oldest first
+(trainer_state.json: "checkpoint_id", "line": [{"step", "id"}, ...]; the last one is its parent), and
+output_dir/line.json holds the line of the run that writes there now: set when the run starts (empty for a
+fresh run; the checkpoint resumed from and its line for a resumed one), extended at each save. `latest` is the
+newest checkpoint of that line, and --save_total_limit deletes only that line's older checkpoints, never the
+one just saved, nor another line's. A folder counts as a line's checkpoint only when its recorded id is the
+one the line names (a later run may have saved the same step again). An output_dir without line.json (an older
+dpo.py) keeps the rule by step number.
 """
 import copy
 import errno
@@ -24,6 +37,7 @@ import os
 import pickle
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import safetensors.torch
@@ -34,6 +48,7 @@ from harness import model_card
 from harness.errors import CheckpointError
 
 MANIFEST = "manifest.json"
+LINE = "line.json"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # exactly: a user's checkpoint-best/ or checkpoint-100-backup/ is not one
 
 
@@ -48,9 +63,12 @@ def checkpoint_folders(output_dir) -> list[Path]:
 
 
 def last_intact(output_dir):
-    """The newest checkpoint whose manifest lists files that are all there with their sizes (None if none).
-    Sizes only: hashing every checkpoint would take minutes for large ones; load_checkpoint checks the hashes."""
-    for folder in reversed(checkpoint_folders(output_dir)):
+    """The newest checkpoint of the current line whose manifest lists files that are all there with their
+    sizes (None if none). Sizes only: hashing every checkpoint would take minutes for large ones;
+    load_checkpoint checks the hashes."""
+    line = read_line(output_dir)
+    folders = checkpoint_folders(output_dir) if line is None else line_folders(output_dir, line)
+    for folder in reversed(folders):
         if manifest_problem(folder, hashes=False) is None:
             return folder
     return None
@@ -61,8 +79,12 @@ def last_intact(output_dir):
 
 def save_checkpoint(output_dir, step, model, ref_model, optimizer, scheduler, trainer_state: dict,
                     save_total_limit=None, sync_ref_model=False) -> Path:
-    """Write output_dir/checkpoint-<step> atomically and return its path; keep the newest save_total_limit."""
+    """Write output_dir/checkpoint-<step> atomically as the next checkpoint of output_dir's line, and return
+    its path; keep that line's newest save_total_limit."""
     out = Path(output_dir)
+    line = [e for e in read_line(out) or [] if e["step"] < step]  # (the same step saved again replaces it)
+    entry = {"step": step, "id": uuid.uuid4().hex[:16]}
+    trainer_state = {**trainer_state, "checkpoint_id": entry["id"], "line": line}
     final, tmp = out / f"checkpoint-{step}", out / f".tmp-checkpoint-{step}"
     weights = trainable_state(model)
     bad = non_finite(weights) or (non_finite(dict(ref_model.named_parameters())) if sync_ref_model else None)
@@ -94,11 +116,120 @@ def save_checkpoint(output_dir, step, model, ref_model, optimizer, scheduler, tr
         replace_folder(tmp, final)
     except Exception as err:
         raise write_error(err, tmp, final, out) or err
-    if save_total_limit:
-        for old in checkpoint_folders(out)[:-save_total_limit]:
-            if old != final:  # after resuming from an earlier step, the newest by number may be an older one
-                shutil.rmtree(old)
+    line.append(entry)
+    if save_total_limit:  # this line's older checkpoints only: an abandoned line's are not this run's past
+        for old in line[:-save_total_limit]:
+            if belongs(out / f"checkpoint-{old['step']}", old) is True:
+                shutil.rmtree(out / f"checkpoint-{old['step']}")
+        line = line[-save_total_limit:]
+    try:
+        write_line(out, line)
+    except Exception as err:
+        raise write_error(err, out / f".tmp-{LINE}", out / LINE, out) or err
     return final
+
+
+# ---- lines ---------------------------------------------------------------------------------------------
+
+
+def start_line(output_dir, checkpoint):
+    """At the start of a run, output_dir's line: empty for a fresh run; a resumed run continues its
+    checkpoint's line (the checkpoints it continues, then itself)."""
+    line = []
+    if checkpoint is not None:
+        state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+        line = [*state.get("line", []), {"step": state["global_step"], "id": state.get("checkpoint_id")}]
+    write_line(output_dir, line)
+
+
+def read_line(output_dir):
+    """output_dir/line.json's checkpoints, oldest first; None without one (a folder of an older dpo.py)."""
+    path = Path(output_dir) / LINE
+    try:
+        line = json.loads(path.read_text())["line"]
+        return [{"step": int(e["step"]), "id": e["id"]} for e in line]
+    except FileNotFoundError:
+        return None
+    except (ValueError, KeyError, TypeError) as err:  # written atomically: only a hand edit can break it
+        raise CheckpointError(f"{path} is not a line of checkpoints ({type(err).__name__}: {err}), in "
+                              f"{path.parent}; delete it, and name the checkpoint to resume from") from None
+
+
+def write_line(output_dir, line):
+    """output_dir/line.json, whole or not at all (written aside, flushed, renamed into place)."""
+    out = Path(output_dir)
+    tmp = out / f".tmp-{LINE}"
+    tmp.write_text(json.dumps({"line": line}))
+    sync_file(tmp)
+    os.replace(tmp, out / LINE)
+    sync_folder(out)
+
+
+def belongs(folder: Path, entry: dict):
+    """Whether folder is the checkpoint a line's entry names: there, with the entry's id (None for an older
+    dpo.py's). None when its trainer_state.json is there but unreadable: damaged, maybe the line's own."""
+    try:
+        return json.loads((folder / "trainer_state.json").read_text()).get("checkpoint_id") == entry["id"]
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def line_folders(output_dir, line) -> list[Path]:
+    """The checkpoints of a line still in output_dir, oldest first; a damaged one too, for load_checkpoint to
+    name what is wrong with it rather than a resume silently going back to an older one."""
+    folders = [Path(output_dir) / f"checkpoint-{e['step']}" for e in line]
+    return [f for f, e in zip(folders, line) if belongs(f, e) is not False]
+
+
+def write_file(path: Path, text: str, output_dir):
+    """Write a whole file: a temporary file flushed to disk, then renamed over the old one (a crash or a full disk
+    leaves the old file, never half of the new one). A failed write is a CheckpointError naming what was kept."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}")
+    try:
+        tmp.write_text(text)
+        sync_file(tmp)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise file_error(err, path, output_dir) from None
+
+
+def append_line(path: Path, line: str, output_dir):
+    """Append one line to metrics.jsonl, flushed to disk: a crash can cut only this last line short, which
+    read_metrics drops. A failed write is a CheckpointError naming what was kept."""
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise file_error(err, path, output_dir) from None
+
+
+def file_error(err: OSError, path: Path, output_dir) -> CheckpointError:
+    """A file of the run that could not be written: what, why, what is kept and what to do."""
+    last = last_intact(output_dir)
+    what = "no space left on device" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "could not write"
+    resume = (f"the last intact checkpoint is {last}: resume with --resume_from_checkpoint {last}" if last else
+              "no checkpoint was saved yet: run again")
+    return CheckpointError(f"{what} ({type(err).__name__}: {err.strerror or err}), in {path}; {resume} once the "
+                           "disk can be written")
+
+
+def check_final_weights(model, out: Path, step: int):
+    """The final weights, checked on their device before they are saved: a NaN or inf model is never written (the
+    gradient can be finite while the weight decay makes the weights inf)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            last = last_intact(out)
+            raise CheckpointError(
+                f"the final weights are non-finite (NaN or inf in {name}) after step {step}, so no model was saved "
+                f"in {out / 'model'}; the last intact checkpoint is {last or 'none'}: "
+                + (f"resume from it with a lower --learning_rate or --weight_decay (--resume_from_checkpoint {last})"
+                   if last else "start again with a lower --learning_rate or --weight_decay"))
 
 
 def save_model(cfg, model, tokenizer, out):
@@ -107,6 +238,7 @@ def save_model(cfg, model, tokenizer, out):
     model card (README.md, model_card.py; it replaces the template peft writes)."""
     out = Path(out)
     records = read_metrics(out / "metrics.jsonl")  # the final evaluation, for the card
+    check_final_weights(model, out, max((r["step"] for r in records), default=0))
 
     def write(folder, to_save):
         tmp = out / f".tmp-{folder}"
@@ -202,7 +334,8 @@ def write_error(err, tmp: Path, final: Path, output_dir):
 
 
 def find_checkpoint(output_dir, spec) -> Path:
-    """spec 'latest': the highest checkpoint-<step> in output_dir that has a manifest; else spec is the folder."""
+    """spec 'latest': the newest checkpoint with a manifest of output_dir's line (without line.json: the
+    highest checkpoint-<step> with a manifest); else spec is the folder."""
     if spec != "latest":
         path = Path(spec)
         if not path.is_dir():
@@ -213,6 +346,15 @@ def find_checkpoint(output_dir, spec) -> Path:
             raise CheckpointError(f"{path} is not a checkpoint folder (it has no {MANIFEST}), in {path.parent}; "
                                   f"{choose_from(path.parent)}")
         return path
+    line = read_line(output_dir)
+    if line:  # (empty: a fresh run that saved nothing; its folder holds no other run's checkpoints)
+        found = [p for p in line_folders(output_dir, line) if (p / MANIFEST).is_file()]
+        if found:
+            return found[-1]
+        names = ", ".join(f"checkpoint-{e['step']}" for e in line)
+        raise CheckpointError(f"--resume_from_checkpoint latest: no checkpoint of the line the last run "
+                              f"continued ({names}) is left whole, in {output_dir}; "
+                              + choose_from(output_dir))
     found = [p for p in checkpoint_folders(output_dir) if (p / MANIFEST).is_file()]
     if found:
         return found[-1]
@@ -268,7 +410,7 @@ def read(path: Path, reader):
         raise CheckpointError(f"{path.name} is missing, in {path.parent}; {earlier(path.parent)}") from None
     except pickle.UnpicklingError as err:
         text = " ".join(str(err).split())
-        if not any(s in text.lower() for s in ("truncated", "ran out of input", "eof")):
+        if "global" in text.lower():  # a class or function to import: the one case that could run code
             found = re.search(r"WeightsUnpickler error: (.*?)(?: was not an allowed global|\. |$)", text)
             raise CheckpointError(f"refusing {path}: it holds more than tensors and plain data "
                                   f"({found[1] if found else 'UnpicklingError'}), and unpickling it could run code, "

@@ -14,7 +14,7 @@ import math
 import shlex
 from pathlib import Path
 
-import data
+from harness import datafiles
 
 # Options whose name and meaning are the same in TRL's DPOConfig / ModelConfig / ScriptArguments.
 SAME = ["beta", "loss_type", "loss_weights", "label_smoothing", "f_divergence_type", "f_alpha_divergence_coef",
@@ -104,7 +104,7 @@ def export_dataset(cfg) -> tuple[dict, int | None, int | None, list[str]]:
                          "'test' split; if it has none, dpo.py evaluates on validation/eval or a held-out "
                          "eval_fraction: rerun --export_trl where the Hub is reachable to carry that")
             return {**options, "dataset_test_split": "test"} if cfg.eval_fraction else options, None, None, notes
-        real = next((n for n in data.EVAL_SPLITS if n in names and n != cfg.dataset_split), None)
+        real = next((n for n in datafiles.EVAL_SPLITS if n in names and n != cfg.dataset_split), None)
         if real or not cfg.eval_fraction:
             return {**options, "dataset_test_split": real} if real else options, None, None, notes
     import datasets
@@ -112,7 +112,7 @@ def export_dataset(cfg) -> tuple[dict, int | None, int | None, list[str]]:
     datasets.disable_progress_bars()  # the command is the output: no bars around it
     # A local file or folder, or a held-out eval: write exactly the rows this run uses (the same seed, the same rows)
     # in a folder that datasets.load_dataset reads as splits "train" and "test" (by their file names).
-    train, evaluation = data.load_preference_dataset(cfg.dataset, cfg.dataset_split, cfg.eval_split,
+    train, evaluation = datafiles.load_preference_dataset(cfg.dataset, cfg.dataset_split, cfg.eval_split,
                                                      cfg.eval_fraction, cfg.seed)
     folder = Path(cfg.output_dir) / "trl_dataset"
     folder.mkdir(parents=True, exist_ok=True)

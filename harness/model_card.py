@@ -7,6 +7,7 @@ metrics.jsonl, so the card and the file never disagree), the command, and how to
 """
 import dataclasses
 import json
+import math
 import re
 import shlex
 import sys
@@ -91,6 +92,11 @@ def usage(cfg, folder: str) -> list[str]:
             f"tokenizer = AutoTokenizer.from_pretrained({path})"]
 
 
+def number(v) -> str:
+    """A metric as the card shows it: 4 significant digits, and "n/a" for a non-finite one (null in metrics.jsonl)."""
+    return f"{v:.4g}" if isinstance(v, (int, float)) and math.isfinite(v) else "n/a"
+
+
 def model_card(cfg, records: list[dict], folder: str) -> str:
     """The README.md text of output_dir/<folder> ("model": the adapter or full model; "merged": LoRA merged)."""
     adapter = cfg.use_peft and folder == "model"
@@ -109,7 +115,7 @@ def model_card(cfg, records: list[dict], folder: str) -> str:
              "## Training", "", "| | |", "|---|---|", *(f"| {k} | {v} |" for k, v in training_rows(cfg, steps)), ""]
     if final:
         lines += [f"## Evaluation (held-out pairs, step {final['step']})", "", "| metric | value |", "|---|---|",
-                  *(f"| {k} | {v:.4g} |" for k, v in final.items() if k != "step"), ""]
+                  *(f"| {k} | {number(v)} |" for k, v in final.items() if k != "step"), ""]
     lines += ["## Command", "", "```bash", command(cfg), "```", "", "## Use", "", "```python", *usage(cfg, folder), "```", ""]
     if adapter and cfg.merge_adapter and not cfg.load_in_4bit:
         lines += [f"`{Path(cfg.output_dir) / 'merged'}` holds the same model with the adapter merged into the base "

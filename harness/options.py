@@ -16,7 +16,7 @@ import torch
 
 import data
 import losses
-from harness.errors import USER_ERRORS, OptionError
+from harness.errors import USER_ERRORS, Interrupted, OptionError, interrupts
 
 HERE = Path(__file__).resolve().parent.parent
 DEMO_MODEL = HERE / "demo" / "assets" / "tiny-sentiment-lm"  # built by scripts/make_assets.py, see demo/assets/README.md
@@ -107,9 +107,13 @@ class Config:
     config: Optional[str] = field(default=None, metadata={"help": "a YAML recipe of these options (TRL's names too); the command line overrides it"})
 
 
-def resolve(cfg: Config, argv: list[str]) -> Config:
-    """Fill the defaults that depend on other options, and reject contradictions before anything is loaded."""
-    given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
+def resolve(cfg: Config, argv: list[str] | None = None) -> Config:
+    """Fill the defaults that depend on other options, and reject contradictions before anything is loaded. From
+    Python (argv None), an option counts as given when it differs from its default; resolving twice changes nothing."""
+    if argv is not None:
+        given = {a.split("=")[0].lstrip("-") for a in argv if a.startswith("--")}
+    else:
+        given = {f.name for f in dataclasses.fields(Config) if getattr(cfg, f.name) != Config().__dict__[f.name]}
     if cfg.model == str(DEMO_MODEL) and cfg.dataset == str(DEMO_DATASET):
         for k, v in DEMO_DEFAULTS.items():
             if k not in given:
@@ -127,18 +131,33 @@ def resolve(cfg: Config, argv: list[str]) -> Config:
     check_options(cfg, problems)  # every range and contradiction, one OptionError listing them all
     if cfg.bf16 is None:
         cfg.bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    for name in ("model", "ref_model", "dataset", "output_dir", "resume_from_checkpoint"):  # --output_dir=~/x:
+        value = getattr(cfg, name)  # the shell leaves a ~ after = as it is
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(cfg, name, os.path.expanduser(value))
     if cfg.output_dir is None:
         if cfg.resume_from_checkpoint not in (None, "latest"):
             cfg.output_dir = str(Path(cfg.resume_from_checkpoint).resolve().parent)
-        else:
+        else:  # created by checks.preflight, with a suffix when another run took the name in the same second
             cfg.output_dir = os.path.join("runs", time.strftime("dpo-%Y%m%d-%H%M%S"))
+            DEFAULT_OUTPUT_DIRS.add(cfg.output_dir)
     return cfg
 
 
-# Each option's range, checked before the tokenizer loads: (option, is the value valid?, what it must be).
+DEFAULT_OUTPUT_DIRS = set()  # the runs/dpo-<time> names resolve chose (not given by the user)
+
+
+# Each option's range, checked before the tokenizer loads: (option, is the value valid?, what it must be). Every
+# float (and list of floats) must also be finite. beta's rule, and the loss types' own, are losses.check_loss_config's.
 RANGES = [
-    ("beta", lambda v: v > 0, "> 0 (the KL strength; at 0 the preference has no effect)"),
-    ("learning_rate", lambda v: v >= 0, ">= 0"),
+    ("learning_rate", lambda v: 0 <= v <= 1, "in [0, 1] (5e-7 to 5e-6 is usual; the demo's tiny model takes 2e-3)"),
+    ("seed", lambda v: 0 <= v < 2**63, "in [0, 2**63)"),
+    ("loss_weights", lambda v: v is None or all(w >= 0 for w in v), ">= 0 each (a negative weight trains that loss "
+                                                                   "backwards)"),
+    ("rpo_alpha", lambda v: v is None or v >= 0, ">= 0 (a negative one lowers the chosen completions' likelihood)"),
+    ("ld_alpha", lambda v: v is None or 0 <= v <= 1, "in [0, 1] (1 = DPO)"),
+    ("discopop_tau", lambda v: v > 0, "> 0 (the mixing gate divides by it)"),
+    ("dpop_lambda", lambda v: v >= 0, ">= 0"),
     ("max_length", lambda v: v >= 2, ">= 2 (a sequence's first token is never scored)"),
     ("max_prompt_length", lambda v: v is None or v >= 1, ">= 1"),
     ("max_completion_length", lambda v: v is None or v >= 1, ">= 1"),
@@ -165,17 +184,30 @@ RANGES = [
     ("save_total_limit", lambda v: v is None or v >= 1, ">= 1"),
     ("sample_eval", lambda v: v >= 0, ">= 0"),
     ("show_examples", lambda v: v >= 0, ">= 0"),
-    ("cpu_threads", lambda v: v is None or v >= 1, ">= 1"),
+    ("cpu_threads", lambda v: v is None or 1 <= v <= 4 * (os.cpu_count() or 1),
+     f"in [1, {4 * (os.cpu_count() or 1)}] (this machine has {os.cpu_count()} CPUs)"),
     ("router_aux_loss_coef", lambda v: v is None or v >= 0, ">= 0"),
 ]
 
 
 def check_options(cfg, problems: list[str]):
     """Every option's range and every contradiction, all reported in one message (OptionError)."""
+    for f in dataclasses.fields(Config):  # NaN and inf pass most comparisons: refused for every option first
+        values = getattr(cfg, f.name) if isinstance(getattr(cfg, f.name), list) else [getattr(cfg, f.name)]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            problems.append(f"--{f.name} must be a finite number, got {getattr(cfg, f.name)}")
     for name, valid, must_be in RANGES:
         value = getattr(cfg, name)
-        if isinstance(value, float) and not math.isfinite(value) or not valid(value):
+        finite = all(math.isfinite(v) for v in (value if isinstance(value, list) else [value])
+                     if isinstance(v, float))
+        if finite and not valid(value):
             problems.append(f"--{name} must be {must_be}, got {value}")
+    if len(set(cfg.loss_type)) != len(cfg.loss_type):
+        problems.append(f"--loss_type names a loss twice ({' '.join(cfg.loss_type)}): give each once, and "
+                        "--loss_weights to weigh one more")
+    if cfg.pad_to_multiple_of and cfg.max_length and cfg.pad_to_multiple_of > cfg.max_length:
+        problems.append(f"--pad_to_multiple_of {cfg.pad_to_multiple_of} is larger than --max_length "
+                        f"{cfg.max_length}: every batch would be padded past it; give a divisor of --max_length")
     if cfg.load_in_4bit and not cfg.use_peft:
         problems.append("--load_in_4bit trains adapters on a frozen 4-bit base: add --use_peft True (4-bit weights cannot be trained)")
     if cfg.sync_ref_model and cfg.precompute_ref_log_probs:
@@ -249,11 +281,25 @@ def expand_argv(argv: list[str]) -> list[str]:
             if a.startswith("--") and a[2:].split("=")[0] in ALIASES else a for a in argv]
 
 
+def check_repeats(argv: list[str]):
+    """A list option given twice on the command line: argparse keeps the last list silently (--loss_type sigmoid
+    --loss_type sft trains sft alone, where sigmoid + sft was meant). A single value given twice is the usual
+    "later words win" of a command line, and a --config recipe's values may be overridden: neither is refused."""
+    lists = {f"--{f.name}" for f in dataclasses.fields(Config) if "list" in str(f.type)}
+    names = [a.split("=")[0] for a in argv if a.split("=")[0] in lists]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise OptionError(f"{', '.join(repeated)} given more than once on the command line (only the last list "
+                          "would be used); give the list once, as --loss_type sigmoid sft")
+
+
 def parse_args(argv):
     from transformers import HfArgumentParser
 
+    check_repeats(list(argv))
     argv = expand_argv(argv)
     parser = HfArgumentParser(Config)
+    parser.print_usage = lambda file=None: None  # a wrong value is one line (the error names the option), not 50
     cfg, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if unknown:  # argparse's own message and exit code 2, with the usage line
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -264,13 +310,17 @@ def cli(argv, main):
     """`python dpo.py ...`: a user error is one line on stderr (the traceback with --debug); a bug keeps its traceback."""
     config = None
     try:
-        config = parse_args(argv)
-        if config.export_trl:
-            from harness.export_trl import export_trl_command
+        with interrupts():  # SIGTERM and SIGHUP, too, stop a run before its loop with one line
+            config = parse_args(argv)
+            if config.export_trl:
+                from harness.export_trl import export_trl_command
 
-            print(export_trl_command(config, argv, config.num_processes or 8))
-        else:
-            main(config)
+                print(export_trl_command(config, argv, config.num_processes or 8))
+            else:
+                main(config)
+    except KeyboardInterrupt as err:
+        print(f"dpo.py: error: {Interrupted.message(err)}", file=sys.stderr)
+        sys.exit(128 + getattr(err, "signum", 2))
     except USER_ERRORS as err:
         if config.debug if config is not None else "--debug" in argv:
             raise

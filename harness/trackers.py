@@ -37,7 +37,7 @@ def start(cfg, step: int):
         return None
     out = Path(cfg.output_dir)
     if cfg.report_to == "tensorboard":
-        from torch.utils.tensorboard import SummaryWriter
+        SummaryWriter = load(cfg, "torch.utils.tensorboard").SummaryWriter
 
         # purge_step: TensorBoard hides the events at and after it in earlier files, i.e. what an interrupted run
         # logged past the checkpoint this run resumes from (metrics.jsonl drops those lines too)
@@ -50,7 +50,7 @@ def start(cfg, step: int):
     run_id = saved.get("id") if saved.get("report_to") == cfg.report_to else None
     run_id = run_id or secrets.token_hex(4)
     ids.write_text(json.dumps({"report_to": cfg.report_to, "id": run_id}))
-    module = importlib.import_module(cfg.report_to)
+    module = load(cfg, cfg.report_to)
     config = dataclasses.asdict(cfg)
     try:
         if cfg.report_to == "wandb":  # the Run object, not wandb.log: no global state between runs in one process
@@ -69,6 +69,16 @@ def start(cfg, step: int):
                             + ("log in with `wandb login`, or set WANDB_MODE=offline" if cfg.report_to == "wandb"
                                else "check trackio's settings") + ", or run with --report_to none") from err
     return cfg.report_to, handle
+
+
+def load(cfg, module: str):
+    """The tracker's package: installed (checked with the options) but broken is one line, not a traceback."""
+    try:
+        return importlib.import_module(module)
+    except Exception as err:  # an ImportError of a dependency, a version clash raising at import time
+        detail = " ".join(str(err).split())[:200]
+        raise RunError(f"--report_to {cfg.report_to}: importing {module} failed ({type(err).__name__}: {detail}); "
+                       f"reinstall it (pip install -U {cfg.report_to}), or run with --report_to none") from None
 
 
 def log(tracker, record: dict, step: int):

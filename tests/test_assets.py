@@ -1,4 +1,5 @@
-"""The shipped assets (demo/assets/), the ground-truth reward (sentiment.py) and the sampling evaluation (sample_eval.py)."""
+"""The shipped assets (demo/assets/), the ground-truth reward (sentiment.py) and the sampling evaluation
+(sample_eval.py)."""
 
 import copy
 import importlib.util
@@ -16,6 +17,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from demo.sample_eval import generate, sample_eval, sequence_logps  # noqa: E402
+from dpo import completion_logps  # noqa: E402
+
+
+def SCORE(model, batch):  # the trainer's own scoring, as dpo.py passes it
+    return completion_logps(model, batch)[0]
 from demo.sentiment import sentiment_score  # noqa: E402
 
 MODEL_DIR = ROOT / "demo" / "assets" / "tiny-sentiment-lm"
@@ -209,7 +215,7 @@ def test_sequence_logps_counts_completion_tokens_only(model):
     V = model.config.vocab_size
     prompts = [[1, 20, 21], [1, 22], [1, 23, 24, 25, 26]]
     completions = [[30, 31, 2], [2], [32, 33, 34, 35, 2]]
-    logps = sequence_logps(uniform_copy(model), prompts, completions, pad_id=0)
+    logps = sequence_logps(uniform_copy(model), prompts, completions, score=SCORE, pad_id=0)
     assert logps == pytest.approx([-3 * math.log(V), -1 * math.log(V), -5 * math.log(V)], rel=1e-5)
 
 
@@ -217,8 +223,8 @@ def test_sequence_logps_ignores_padding(model):
     """A batch of rows of different lengths gives the same log-probs as each row alone (no padding)."""
     prompts = [[1, 20, 21], [1, 22], [1, 23, 24, 25, 26]]
     completions = [[30, 31, 2], [2], [32, 33, 34, 35, 2]]
-    batched = sequence_logps(model, prompts, completions, pad_id=0)
-    alone = [sequence_logps(model, [p], [c], pad_id=0)[0] for p, c in zip(prompts, completions)]
+    batched = sequence_logps(model, prompts, completions, score=SCORE, pad_id=0)
+    alone = [sequence_logps(model, [p], [c], score=SCORE, pad_id=0)[0] for p, c in zip(prompts, completions)]
     assert batched == pytest.approx(alone, abs=1e-4)
 
 
@@ -235,7 +241,7 @@ def test_sample_eval_identical_models(model, tokenizer):
     """policy == reference: same seed, same samples, so every pair ties (win rate 1/2), both mean rewards are
     equal, and log pi - log pi_ref = 0 on every sample (KL 0)."""
     prompts = [r["prompt"] for r in read_jsonl("test")[:6]]
-    result = sample_eval(model, tokenizer, prompts, reference=copy.deepcopy(model), reward_fn=sentiment_score,
+    result = sample_eval(model, tokenizer, prompts, score=SCORE, reference=copy.deepcopy(model), reward_fn=sentiment_score,
                          num_samples=2, max_new_tokens=24, show=1)
     assert result["win_rate"] == 0.5
     assert result["reward_policy"] == result["reward_reference"]
@@ -251,25 +257,25 @@ def test_sample_eval_peft_reference_is_the_base_model(model, tokenizer):
     prompts = ["the plot was", "i watched it", "the acting"]
     kwargs = dict(reward_fn=sentiment_score, num_samples=2, max_new_tokens=24, show=0)
     fresh = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
-    result = sample_eval(fresh, tokenizer, prompts, **kwargs)
+    result = sample_eval(fresh, tokenizer, prompts, score=SCORE, **kwargs)
     assert result["win_rate"] == 0.5 and result["kl"] == pytest.approx(0.0, abs=1e-5)
 
     torch.manual_seed(0)
     changed = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"],
                                                                       init_lora_weights=False))
-    with_none = sample_eval(changed, tokenizer, prompts, **kwargs)
-    with_base = sample_eval(changed, tokenizer, prompts, reference=model, **kwargs)
+    with_none = sample_eval(changed, tokenizer, prompts, score=SCORE, **kwargs)
+    with_base = sample_eval(changed, tokenizer, prompts, score=SCORE, reference=model, **kwargs)
     assert [s["reference"] for s in with_none["samples"]] == [s["reference"] for s in with_base["samples"]]
     assert with_none["kl"] == pytest.approx(with_base["kl"], abs=1e-4) and with_none["kl"] != pytest.approx(0.0, abs=1e-3)
     with pytest.raises(ValueError, match="not a PEFT model"):
-        sample_eval(model, tokenizer, ["the plot was"])
+        sample_eval(model, tokenizer, ["the plot was"], score=SCORE)
 
 
 def test_sample_eval_kl_against_uniform_reference(model, tokenizer):
     """With a uniform reference, log pi_ref(y|x) = -len(y) * log V for each policy sample y, and the KL estimate
     is the mean of log pi(y|x) - log pi_ref(y|x); log pi(y|x) is recomputed from the text with a one-row forward."""
     prompts = ["the plot was", "i watched it", "the acting"]
-    result = sample_eval(model, tokenizer, prompts, reference=uniform_copy(model), num_samples=2, max_new_tokens=24,
+    result = sample_eval(model, tokenizer, prompts, score=SCORE, reference=uniform_copy(model), num_samples=2, max_new_tokens=24,
                          show=0)
     log_v = math.log(model.config.vocab_size)
     for s in result["samples"]:
@@ -278,7 +284,7 @@ def test_sample_eval_kl_against_uniform_reference(model, tokenizer):
         ids = tokenizer(s["policy"], add_special_tokens=False)["input_ids"]
         ids += [tokenizer.eos_token_id] * (s["policy_tokens"] - len(ids))
         assert len(ids) == s["policy_tokens"]
-        alone = sequence_logps(model, [tokenizer(s["prompt"])["input_ids"]], [ids])[0]
+        alone = sequence_logps(model, [tokenizer(s["prompt"])["input_ids"]], [ids], score=SCORE)[0]
         assert s["policy_logp"] == pytest.approx(alone, abs=1e-4)
     expected = sum(s["policy_logp"] + s["policy_tokens"] * log_v for s in result["samples"]) / 6
     assert result["kl"] == pytest.approx(expected, rel=1e-6)

@@ -49,7 +49,9 @@ def test_manifest_lists_every_file_and_a_load_restores_everything(tmp_path):
         assert entry["size"] == (path / name).stat().st_size
         assert entry["sha256"] == checkpoints.sha256(path / name)
     fresh, fresh_opt, fresh_sched = tiny_state(seed=1)
-    assert checkpoints.load_checkpoint(path, fresh, None, fresh_opt, fresh_sched) == trainer_state
+    loaded = checkpoints.load_checkpoint(path, fresh, None, fresh_opt, fresh_sched)
+    # the first checkpoint of its line
+    assert loaded == {**trainer_state, "checkpoint_id": loaded["checkpoint_id"], "line": []}
     for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
         assert torch.equal(a, b), k
     assert fresh_opt.state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
@@ -64,7 +66,8 @@ def test_saving_a_step_again_replaces_its_checkpoint_whole(tmp_path):
     with torch.no_grad():
         model.lm_head.weight.add_(1.0)
     path = save(tmp_path, 2, state)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "line.json"]
+    assert [e["step"] for e in checkpoints.read_line(tmp_path)] == [2]  # the new one replaces the old one
     fresh, fresh_optimizer, fresh_scheduler = tiny_state(seed=1)
     checkpoints.load_checkpoint(path, fresh, None, fresh_optimizer, fresh_scheduler)
     assert torch.equal(fresh.lm_head.weight, model.lm_head.weight)
@@ -104,12 +107,58 @@ def test_user_folders_are_neither_picked_nor_pruned(tmp_path):
         (tmp_path / stray / "note.txt").write_text("mine")
     (tmp_path / "checkpoint-7").mkdir()  # an empty folder of that name: not a checkpoint (no manifest)
     state = tiny_state()
-    for step in (1, 2, 3):
-        save(tmp_path, step, state, save_total_limit=3)  # checkpoint-1..3 and the empty checkpoint-7 count: 1 goes
-    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-3"
+    for step in (1, 2, 3, 4):
+        save(tmp_path, step, state, save_total_limit=3)  # the line's own checkpoint-1..4 count: 1 goes
+    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-4"
     assert sorted(p.name for p in tmp_path.iterdir()) == [".tmp-checkpoint-9", "checkpoint-100-backup", "checkpoint-2",
-                                                          "checkpoint-3", "checkpoint-7", "checkpoint-best"]
+                                                          "checkpoint-3", "checkpoint-4", "checkpoint-7",
+                                                          "checkpoint-best", "line.json"]
     assert (tmp_path / "checkpoint-best" / "note.txt").read_text() == "mine"
+
+
+def names(out):
+    return sorted((p.name for p in Path(out).glob("checkpoint-*")), key=lambda n: int(n.split("-")[1]))
+
+
+def test_latest_and_pruning_follow_the_line_after_a_rollback(tmp_path):
+    """A first run saves checkpoint-2..8; a second resumes from checkpoint-4 (a rollback) and saves 5 and 6 (6
+    replaces the first run's). `latest` is the second run's newest, never the abandoned checkpoint-8;
+    pruning to 2 deletes the second run's older checkpoints (2 and 4, which it continues) and keeps the
+    abandoned 8, where pruning by step number deleted the run's own checkpoint-5 and kept 8."""
+    state = tiny_state()
+    for step in (2, 4, 6, 8):
+        save(tmp_path, step, state)
+    checkpoints.start_line(tmp_path, tmp_path / "checkpoint-4")  # what a run resumed from 4 does first
+    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-4"  # (stopped before a save)
+    assert checkpoints.last_intact(tmp_path).name == "checkpoint-4"
+    save(tmp_path, 5, state, save_total_limit=2)
+    assert names(tmp_path) == ["checkpoint-4", "checkpoint-5", "checkpoint-6", "checkpoint-8"]
+    save(tmp_path, 6, state, save_total_limit=2)
+    assert names(tmp_path) == ["checkpoint-5", "checkpoint-6", "checkpoint-8"]
+    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-6"
+    second_line = json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())["line"]
+    assert [e["step"] for e in second_line] == [4, 5]  # its parent is checkpoint-5, whose parent is 4
+
+    # Back to the abandoned line, by name: its checkpoint-6 is now the other line's (another id), so it is
+    # neither picked nor pruned; that line's own checkpoint-8 is pruned once a newer one exists.
+    checkpoints.start_line(tmp_path, tmp_path / "checkpoint-8")
+    assert checkpoints.find_checkpoint(tmp_path, "latest").name == "checkpoint-8"
+    save(tmp_path, 9, state, save_total_limit=1)
+    assert names(tmp_path) == ["checkpoint-5", "checkpoint-6", "checkpoint-9"]
+
+
+def test_a_line_whose_checkpoints_are_gone_is_said_so(tmp_path):
+    state = tiny_state()
+    save(tmp_path, 2, state)
+    save(tmp_path, 4, state)
+    checkpoints.start_line(tmp_path, tmp_path / "checkpoint-2")
+    save(tmp_path, 3, state)
+    for step in (2, 3):
+        checkpoints.shutil.rmtree(tmp_path / f"checkpoint-{step}")
+    with pytest.raises(CheckpointError, match=r"latest: no checkpoint of the line the last run continued "
+                                              r"\(checkpoint-2, checkpoint-3\) is left whole, in .*; resume "
+                                              r"from an intact one: --resume_from_checkpoint .*checkpoint-4"):
+        checkpoints.find_checkpoint(tmp_path, "latest")
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
@@ -120,7 +169,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     with pytest.raises(CheckpointError, match=r"weights are non-finite \(NaN or inf in model.layers.1.mlp.up_proj.weight\) "
                                               r"at step 5, so nothing was saved .*last intact checkpoint is .*checkpoint-2"):
         save(tmp_path, 5, state)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "line.json"]
 
 
 def no_space(*args, **kwargs):
@@ -138,7 +187,7 @@ def test_a_full_disk_during_a_checkpoint_names_the_last_intact_one(tmp_path, mon
     assert str(err.value) == (f"no space left on device while saving {tmp_path / 'checkpoint-4'} (OSError: [Errno 28] No "
                               f"space left on device); the last intact checkpoint is {last}; free space and resume with "
                               f"--resume_from_checkpoint {last}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "line.json"]
 
 
 def test_torch_save_on_a_full_disk_is_reported_as_one(tmp_path, monkeypatch):
@@ -185,12 +234,13 @@ def test_a_full_disk_while_saving_the_model_keeps_the_previous_model_folder(tmp_
 
 def test_a_checkpoint_without_manifest_loads_only_by_name_with_a_note(tmp_path, capsys):
     path = save(tmp_path, 2, tiny_state())
-    (path / "manifest.json").unlink()  # as dpo.py wrote checkpoints before manifests
+    (path / "manifest.json").unlink()  # as dpo.py wrote checkpoints before manifests (and lines)
+    (tmp_path / "line.json").unlink()
     with pytest.raises(CheckpointError, match="no checkpoint-<step> folder with a manifest.json.*checkpoint-2 was written "
                                               "by an older dpo.py: name it"):
         checkpoints.find_checkpoint(tmp_path, "latest")
     assert checkpoints.find_checkpoint(tmp_path, str(path)) == path
-    assert load(path) == {"global_step": 2}
+    assert load(path)["global_step"] == 2
     assert "has no manifest.json (written by an older dpo.py): its files are loaded unverified" in capsys.readouterr().out
 
 

@@ -54,13 +54,13 @@ def make_cases(base: Path) -> dict:
         optimizer.write_bytes(optimizer.read_bytes()[:100])  # a partly written file
     return {
         # options: exit code 2, before anything loads
-        "beta_0": (common + ["--beta", "0"], 2, ["--beta must be > 0"]),
-        "negative_lr": (common + ["--learning_rate", "-0.001"], 2, ["--learning_rate must be >= 0"]),
+        "beta_0": (common + ["--beta", "0"], 2, ["beta must be > 0"]),
+        "negative_lr": (common + ["--learning_rate", "-0.001"], 2, ["--learning_rate must be in [0, 1]"]),
         "max_length_0": (common + ["--max_length", "0"], 2, ["--max_length must be >= 2"]),
         "lora_r_0": (common + ["--lora_r", "0"], 2, ["--lora_r must be >= 1"]),
         "pad_multiple_0": (common + ["--pad_to_multiple_of", "0"], 2, ["--pad_to_multiple_of must be >= 1"]),
         "two_problems": (common + ["--beta", "-1", "--load_in_4bit", "--use_peft", "False"], 2,
-                         ["--beta must be > 0", "--load_in_4bit trains adapters"]),
+                         ["beta must be > 0", "--load_in_4bit trains adapters"]),
         "unknown_option": (common + ["--betta", "0.1"], 2, ["unrecognized arguments: --betta"]),
         "bad_loss": (common + ["--loss_type", "sigmoidd"], 2, ["sigmoidd"]),
         "latest_without_dir": (common + ["--resume_from_checkpoint", "latest"], 2, ["latest looks in --output_dir"]),
@@ -79,15 +79,17 @@ def make_cases(base: Path) -> dict:
         "positions_table": (common + ["--model", gpt2, "--dataset", str(base / "long.jsonl")] + out("p1"), 1,
                             ["learned position embeddings for 16 positions", "has 26 tokens", "--max_length 16"]),
         "used_output_dir": (common + ["--output_dir", str(base / "used")], 1,
-                            ["is not empty", "--overwrite_output_dir", "--resume_from_checkpoint latest"]),
+                            ["is not empty", "--overwrite_output_dir", "holds no checkpoint to resume from"]),
         "missing_checkpoint": (common + ["--resume_from_checkpoint", str(base / "out" / "x" / "checkpoint-7")], 1,
                                ["checkpoint-7", "does not exist"]),
         "resume_longer": (trained + ["--output_dir", str(base / "trained"), "--max_steps", "5",
                                      "--resume_from_checkpoint", "latest"], 1, ["--max_steps 5", "trained with 2"]),
         "truncated_optimizer": (trained + ["--output_dir", str(base / "broken"), "--resume_from_checkpoint", "latest"], 1,
                                 ["optimizer.pt does not match its manifest", "checkpoint-1"]),
-        "diverged": (trained + ["--output_dir", str(base / "out" / "nan"), "--learning_rate", "1e8", "--optim",
-                                "rmsprop", "--max_steps", "30"], 1, ["non-finite", "last good checkpoint is", "checkpoint-"]),
+        # step 1 runs at learning rate 0 (warmup) and is saved; step 2's weight decay makes the weights inf
+        "diverged": (trained + ["--output_dir", str(base / "out" / "nan"), "--learning_rate", "1", "--weight_decay",
+                                "1e39", "--warmup_steps", "2", "--max_steps", "30"], 1,
+                     ["non-finite", "at step 2", "last intact checkpoint is", "checkpoint-1"]),
     }
 
 
@@ -133,7 +135,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_options_are_checked_before_the_tokenizer_loads(monkeypatch):
     """An option error is raised by parse_args, before main() loads anything."""
-    with pytest.raises(OptionError, match="--beta must be > 0.*--lora_r must be >= 1"):
+    with pytest.raises(OptionError, match="beta must be > 0.*--lora_r must be >= 1"):
         options.parse_args(["--beta", "0", "--lora_r", "0"])
 
 

@@ -2,6 +2,7 @@
 a GPU's), TR-DPO with tied embeddings, reference columns in the data, a reference cache after the weights change,
 a reference with another vocabulary, sample_eval's prompts and reference, TRL's logging conventions, degenerate
 data, and 4-bit parameter counts. Tiny random Llamas, nothing downloaded."""
+import dataclasses
 import json
 import math
 import shutil
@@ -12,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 import data
+from harness import datafiles
 import dpo
 from harness.errors import OptionError, RunError
 from harness import checks
@@ -75,7 +77,7 @@ def tiny_batch(tiny, n=4):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
-    train, _ = data.load_preference_dataset(tiny["dataset"])
+    train, _ = datafiles.load_preference_dataset(tiny["dataset"])
     return data.collate(data.prepare_dataset(train.select(range(n)), tokenizer, max_length=32, verbose=False),
                         data.pad_token_id(tokenizer), 32)
 
@@ -152,7 +154,7 @@ def test_reference_columns_are_used_with_precompute(tiny, tmp_path):
 @pytest.mark.parametrize("bad", [float("nan"), None])
 def test_reference_columns_missing_or_non_finite_are_an_error(tiny, tmp_path, bad):
     given = dataset_with_reference_columns(tmp_path, lambda i: bad if i == 5 else -30.0, lambda i: -20.0)
-    with pytest.raises(RunError, match="missing or non-finite ref_chosen_logps"):
+    with pytest.raises(RunError, match="missing, non-numeric or non-finite ref_chosen_logps"):
         dpo.main(config(tiny, tmp_path / "out", "--dataset", given, "--max_steps", "1", "--precompute_ref_log_probs"))
 
 
@@ -222,10 +224,11 @@ def test_sample_eval_gets_the_trained_prompt_ids_and_the_runs_reference(tiny, tm
 
 # ---- logging as TRL does ------------------------------------------------------------------------------------------
 
-def test_learning_rate_is_logged_after_the_scheduler_step(tiny, tmp_path):
-    """TRL logs the learning rate the scheduler holds after the step: with 2 warmup steps, 1/2, 1, 1 times the peak."""
+def test_learning_rate_is_logged_as_the_rate_the_step_used(tiny, tmp_path):
+    """TRL logs the rate read before the scheduler steps, the one the step used: with 2 warmup steps, 0, 1/2,
+    1 times the peak (tests/test_lr_trl_parity.py compares with TRL's own log)."""
     dpo.main(config(tiny, tmp_path, "--max_steps", "3", "--warmup_steps", "2", "--lr_scheduler_type", "constant"))
-    assert [r["learning_rate"] for r in records(tmp_path) if "loss" in r] == pytest.approx([5e-3, 1e-2, 1e-2])
+    assert [r["learning_rate"] for r in records(tmp_path) if "loss" in r] == pytest.approx([0.0, 5e-3, 1e-2])
 
 
 def test_eval_loss_is_a_mean_over_pairs_whatever_the_batch_size(tiny):
@@ -239,11 +242,11 @@ def test_eval_loss_is_a_mean_over_pairs_whatever_the_batch_size(tiny):
             if "lora_B" in name:
                 p.normal_(0, 0.5)  # pairs now have different losses
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
-    _, eval_rows = data.load_preference_dataset(tiny["dataset"])
+    _, eval_rows = datafiles.load_preference_dataset(tiny["dataset"])
     eval_set = data.prepare_dataset(eval_rows, tokenizer, max_length=32, verbose=False)
     no_autocast = lambda: torch.autocast("cpu", enabled=False)  # noqa: E731
-    by_pair = dpo.evaluate(dpo.dataclasses.replace(cfg, per_device_eval_batch_size=1), model, None, eval_set, 0, no_autocast)
-    by_five = dpo.evaluate(dpo.dataclasses.replace(cfg, per_device_eval_batch_size=5), model, None, eval_set, 0, no_autocast)
+    by_pair = dpo.evaluate(dataclasses.replace(cfg, per_device_eval_batch_size=1), model, None, eval_set, 0, no_autocast)
+    by_five = dpo.evaluate(dataclasses.replace(cfg, per_device_eval_batch_size=5), model, None, eval_set, 0, no_autocast)
     assert by_five["eval_loss"] == pytest.approx(by_pair["eval_loss"], abs=1e-6)
 
 
@@ -256,7 +259,7 @@ def test_tokens_per_second_counts_training_time_only(tiny, tmp_path, monkeypatch
         clock["offset"] += 1000.0
         return real_evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(dpo.time, "time", lambda: real_time() + clock["offset"])
+    monkeypatch.setattr(time, "time", lambda: real_time() + clock["offset"])
     monkeypatch.setattr(dpo, "evaluate", slow_evaluate)
     dpo.main(config(tiny, tmp_path, "--max_steps", "4", "--eval_steps", "1"))
     rates = [r["tokens_per_second"] for r in records(tmp_path) if "loss" in r]

@@ -16,6 +16,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
 import data
+from harness import datafiles
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>", "<|system|>", "<think>"]
 WORDS = list(string.ascii_lowercase) + ["bc", "bd"]
@@ -132,11 +133,14 @@ def test_keep_end_pair_scope_gives_both_completions_the_same_prompt():
            gave the chosen no prompt at all while its rejected saw the whole prompt.
     Row 2: prompt [1,16,17,18], completions [19,2] and [20,2]: the prompt keeps max(3, 2) = 3: [16,17,18,19,2]."""
     rows, counts = prepare(ROWS_LONG, max_length=5)
-    assert rows == [{"prompt_ids": [11, 12, 13], "chosen_ids": [14, 2], "rejected_ids": [15, 2]},
-                    {"prompt_ids": [1, 17], "chosen_ids": [18, 19, 20], "rejected_ids": [22, 2]},
-                    {"prompt_ids": [16, 17, 18], "chosen_ids": [19, 2], "rejected_ids": [20, 2]}]
+    # prepare_dataset only counts (c); the rows keep their tokens until collate cuts them, in one place
+    assert [(r["prompt_ids"], r["chosen_ids"]) for r in rows] == [([1, 10, 11, 12, 13], [14, 2]),
+                                                                  ([1, 17], [18, 19, 20, 21, 2]),
+                                                                  ([1, 16, 17, 18], [19, 2])]
     assert (counts["pair_prompt_cut"], counts["pair_completion_cut"], counts["no_prompt_left"]) == (2, 1, 0)
-    batch = data.collate(rows, 0, max_length=5)  # nothing left to cut per sequence
+    assert data.truncate([1, 17], [18, 19, 20, 21, 2], [22, 2], 5) == [([1, 17, 18, 19, 20], [0, 0, 1, 1, 1]),
+                                                                       ([1, 17, 22, 2], [0, 0, 1, 1])]
+    batch = data.collate(rows, 0, max_length=5, truncation_scope="pair")
     assert batch["input_ids"].tolist() == [[11, 12, 13, 14, 2], [1, 17, 18, 19, 20], [16, 17, 18, 19, 2],
                                            [11, 12, 13, 15, 2], [1, 17, 22, 2, 0], [16, 17, 18, 20, 2]]
     assert batch["completion_mask"].tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1], [0, 0, 0, 1, 1],
@@ -144,7 +148,8 @@ def test_keep_end_pair_scope_gives_both_completions_the_same_prompt():
 
 
 def test_keep_start_is_the_same_in_both_scopes():
-    pair = data.collate(prepare(ROWS_LONG, max_length=5, truncation_mode="keep_start")[0], 0, 5, "keep_start")
+    pair = data.collate(prepare(ROWS_LONG, max_length=5, truncation_mode="keep_start")[0], 0, 5, "keep_start",
+                        truncation_scope="pair")
     row = data.collate(prepare(ROWS_LONG, max_length=5, truncation_mode="keep_start", truncation_scope="row")[0], 0, 5,
                        "keep_start")
     assert all(torch.equal(pair[k], row[k]) for k in row)
@@ -484,7 +489,7 @@ PAIRS = [{"prompt": f"p{i}", "chosen": f" c{i}", "rejected": f" r{i}"} for i in 
 def test_load_each_local_file_format(tmp_path, filename):
     """40 rows, no eval split: eval = round(0.05 * 40) = 2 held-out rows, train = the other 38 in file order."""
     write_rows(tmp_path / filename, PAIRS)
-    train, eval_ = data.load_preference_dataset(str(tmp_path / filename))
+    train, eval_ = datafiles.load_preference_dataset(str(tmp_path / filename))
     assert (len(train), len(eval_)) == (38, 2)
     assert sorted(prompts(train) + prompts(eval_), key=lambda p: int(p[1:])) == [r["prompt"] for r in PAIRS]
     assert prompts(train) == sorted(prompts(train), key=lambda p: int(p[1:]))
@@ -496,18 +501,18 @@ def test_held_out_split_is_seeded_deterministic_and_disjoint(tmp_path):
     eval_fraction=0 -> no eval set; a bad fraction is an error."""
     write_rows(tmp_path / "pairs.jsonl", PAIRS)
     path = str(tmp_path / "pairs.jsonl")
-    train_a, eval_a = data.load_preference_dataset(path, eval_fraction=0.25, seed=1)
-    train_b, eval_b = data.load_preference_dataset(path, eval_fraction=0.25, seed=1)
+    train_a, eval_a = datafiles.load_preference_dataset(path, eval_fraction=0.25, seed=1)
+    train_b, eval_b = datafiles.load_preference_dataset(path, eval_fraction=0.25, seed=1)
     assert prompts(eval_a) == prompts(eval_b) and len(eval_a) == 10 and len(train_a) == 30
     assert not set(prompts(train_a)) & set(prompts(eval_a))
     assert set(prompts(train_a)) | set(prompts(eval_a)) == {r["prompt"] for r in PAIRS}
     assert prompts(train_a) == prompts(train_b)
-    _, eval_other = data.load_preference_dataset(path, eval_fraction=0.25, seed=2)
+    _, eval_other = datafiles.load_preference_dataset(path, eval_fraction=0.25, seed=2)
     assert prompts(eval_other) != prompts(eval_a)
-    train, eval_ = data.load_preference_dataset(path, eval_fraction=0)
+    train, eval_ = datafiles.load_preference_dataset(path, eval_fraction=0)
     assert len(train) == 40 and eval_ is None
     with pytest.raises(ValueError, match=r"eval_fraction must be in \[0, 1\), got 1.5"):
-        data.load_preference_dataset(path, eval_fraction=1.5)
+        datafiles.load_preference_dataset(path, eval_fraction=1.5)
 
 
 def test_load_folder_of_split_files_and_save_to_disk(tmp_path):
@@ -517,25 +522,25 @@ def test_load_folder_of_split_files_and_save_to_disk(tmp_path):
     folder.mkdir()
     write_rows(folder / "train.jsonl", PAIRS[:30])
     write_rows(folder / "test.jsonl", PAIRS[30:])
-    train, eval_ = data.load_preference_dataset(str(folder))
+    train, eval_ = datafiles.load_preference_dataset(str(folder))
     assert (len(train), len(eval_), eval_[0]["prompt"]) == (30, 10, "p30")
 
     saved = tmp_path / "saved"
     datasets.DatasetDict({"train": datasets.Dataset.from_list(PAIRS[:30]),
                           "validation": datasets.Dataset.from_list(PAIRS[30:35]),
                           "other": datasets.Dataset.from_list(PAIRS[35:])}).save_to_disk(str(saved))
-    train, eval_ = data.load_preference_dataset(str(saved))
+    train, eval_ = datafiles.load_preference_dataset(str(saved))
     assert (len(train), len(eval_)) == (30, 5)
-    train, eval_ = data.load_preference_dataset(str(saved), dataset_split="other", eval_split="train")
+    train, eval_ = datafiles.load_preference_dataset(str(saved), dataset_split="other", eval_split="train")
     assert (len(train), len(eval_)) == (5, 30)
     with pytest.raises(ValueError, match=r"split 'test' not found in .* it has: \['train', 'validation', 'other'\]"):
-        data.load_preference_dataset(str(saved), dataset_split="test")
+        datafiles.load_preference_dataset(str(saved), dataset_split="test")
     with pytest.raises(ValueError, match=r"eval split 'dev' not found in .* \['train', 'validation', 'other'\]"):
-        data.load_preference_dataset(str(saved), eval_split="dev")
+        datafiles.load_preference_dataset(str(saved), eval_split="dev")
 
     single = tmp_path / "single"
     datasets.Dataset.from_list(PAIRS).save_to_disk(str(single))
-    train, eval_ = data.load_preference_dataset(str(single), eval_fraction=0.1)
+    train, eval_ = datafiles.load_preference_dataset(str(single), eval_fraction=0.1)
     assert (len(train), len(eval_)) == (36, 4)
 
 
@@ -549,20 +554,20 @@ def test_load_a_folder_in_the_hub_layout(tmp_path):
     (hub / "README.md").write_text("# a dataset card\n")
     for split, rows in (("train", PAIRS[:30]), ("test", PAIRS[30:])):
         pd.DataFrame([{**r, "score_chosen": 8.0} for r in rows]).to_parquet(hub / "data" / f"{split}-00000-of-00001.parquet")
-    train, eval_ = data.load_preference_dataset(str(hub))
+    train, eval_ = datafiles.load_preference_dataset(str(hub))
     assert (len(train), len(eval_), train[0]["prompt"], eval_[0]["prompt"]) == (30, 10, "p0", "p30")
     per_split = tmp_path / "per_split"
     for split, rows in (("train", PAIRS[:30]), ("validation", PAIRS[30:])):
         (per_split / split).mkdir(parents=True)
         write_rows(per_split / split / "part-0.jsonl", rows)
-    train, eval_ = data.load_preference_dataset(str(per_split))
+    train, eval_ = datafiles.load_preference_dataset(str(per_split))
     assert (len(train), len(eval_)) == (30, 10)
 
 
 def test_load_conversational_jsonl_then_prepare(tmp_path):
     """Messages survive the jsonl -> Arrow round trip and give the same ids as in test_each_format."""
     write_rows(tmp_path / "conv.jsonl", [CONV] * 3)
-    train, eval_ = data.load_preference_dataset(str(tmp_path / "conv.jsonl"), eval_fraction=0)
+    train, eval_ = datafiles.load_preference_dataset(str(tmp_path / "conv.jsonl"), eval_fraction=0)
     rows, _ = prepare(train)
     assert rows == [{"prompt_ids": [1, 4, 10, 11, 6, 5], "chosen_ids": [12, 6], "rejected_ids": [13, 6]}] * 3
 
@@ -571,8 +576,8 @@ def test_load_missing_path_lists_what_exists(tmp_path):
     """A path that does not exist names the folder's contents; a folder without data files says so."""
     write_rows(tmp_path / "pairs.jsonl", PAIRS)
     with pytest.raises(FileNotFoundError, match=r"'.*pair.jsonl' does not exist; .* contains: \['pairs.jsonl'\]"):
-        data.load_preference_dataset(str(tmp_path / "pair.jsonl"))
+        datafiles.load_preference_dataset(str(tmp_path / "pair.jsonl"))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match=r"has no .jsonl/.json/.parquet/.csv files .* contains: \['notes.txt'\]"):
-        data.load_preference_dataset(str(tmp_path / "empty"))
+        datafiles.load_preference_dataset(str(tmp_path / "empty"))

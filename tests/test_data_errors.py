@@ -10,6 +10,7 @@ import datasets
 import pytest
 
 import data
+from harness import datafiles
 from tiny import make_tokenizer
 
 PAIR = {"prompt": "the movie was", "chosen": " good", "rejected": " bad"}
@@ -32,19 +33,19 @@ def test_invalid_json_names_the_file_and_line(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(jsonl([PAIR] * 3) + '{"prompt": "the plot is", "chosen": " good",}\n' + jsonl([PAIR]))
     with pytest.raises(data.DataError, match=r"^invalid JSON \(.*\) in .*pairs\.jsonl, line 4; fix that line"):
-        data.load_preference_dataset(str(path))
+        datafiles.load_preference_dataset(str(path))
     array = tmp_path / "pairs.json"
     array.write_text('[\n{"prompt": "a", "chosen": " b", "rejected": " c"},\n{"prompt": "a" "chosen": " b"}\n]')
     with pytest.raises(data.DataError, match=r"invalid JSON \(Expecting ',' delimiter, column 16\) in .*pairs\.json, "
                                              r"line 3"):
-        data.load_preference_dataset(str(array))
+        datafiles.load_preference_dataset(str(array))
 
 
 def test_a_json_line_that_is_not_an_object(tmp_path):
     path = tmp_path / "pairs.jsonl"
     path.write_text(jsonl([PAIR, [1, 2]]))
     with pytest.raises(data.DataError, match=r"a JSON list where a row should be, in .*pairs\.jsonl, line 2"):
-        data.load_preference_dataset(str(path))
+        datafiles.load_preference_dataset(str(path))
 
 
 @pytest.mark.parametrize("filename", ["pairs.jsonl", "pairs.jsonl.gz", "pairs.csv"])
@@ -56,7 +57,7 @@ def test_non_utf8_bytes_name_the_file_and_line(tmp_path, filename):
     path.write_bytes(gzip.compress(raw) if filename.endswith(".gz") else raw)
     with pytest.raises(data.DataError, match=rf"byte 0xe9 is not UTF-8 text, in .*{filename}, line 3; save the file "
                                              "as UTF-8"):
-        data.load_preference_dataset(str(path))
+        datafiles.load_preference_dataset(str(path))
 
 
 @pytest.mark.parametrize("filename, text", [("pairs.jsonl", ""), ("pairs.jsonl", "\n\n"), ("pairs.json", "[]"),
@@ -66,23 +67,23 @@ def test_empty_file_says_no_rows(tmp_path, filename, text):
     others."""
     (tmp_path / filename).write_text(text)
     with pytest.raises(data.DataError, match=rf"^no rows: .*{filename} (is empty|holds an empty JSON array)"):
-        data.load_preference_dataset(str(tmp_path / filename))
+        datafiles.load_preference_dataset(str(tmp_path / filename))
 
 
 def test_corrupt_parquet_names_the_file(tmp_path):
     (tmp_path / "pairs.parquet").write_text("not parquet")
     with pytest.raises(data.DataError, match=r"datasets could not read .*pairs\.parquet \(ArrowInvalid: Parquet magic"):
-        data.load_preference_dataset(str(tmp_path / "pairs.parquet"))
+        datafiles.load_preference_dataset(str(tmp_path / "pairs.parquet"))
 
 
 def test_missing_path_is_a_data_error_and_a_file_not_found_error(tmp_path):
     (tmp_path / "pairs.jsonl").write_text(jsonl([PAIR]))
     with pytest.raises(data.DataError, match=r"'.*pair\.jsonl' does not exist; .* contains: \['pairs\.jsonl'\]; "
                                              "check the path") as caught:
-        data.load_preference_dataset(str(tmp_path / "pair.jsonl"))
+        datafiles.load_preference_dataset(str(tmp_path / "pair.jsonl"))
     assert isinstance(caught.value, FileNotFoundError)
     with pytest.raises(data.DataError, match=r"does not exist \(nor does its folder .*nowhere\)"):
-        data.load_preference_dataset(str(tmp_path / "nowhere" / "pairs.jsonl"))
+        datafiles.load_preference_dataset(str(tmp_path / "nowhere" / "pairs.jsonl"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -96,7 +97,7 @@ def test_bad_row_is_named_by_its_row_in_the_file_after_the_hold_out(tmp_path):
     rows[30]["rejected"] = None
     path = tmp_path / "pairs.jsonl"
     path.write_text(jsonl(rows))
-    train, eval_ = data.load_preference_dataset(str(path))
+    train, eval_ = datafiles.load_preference_dataset(str(path))
     assert list(eval_.origin["rows"]) == [1, 7] and train.origin["rows"][28] == 30
     with pytest.raises(data.DataError, match=rf"^train data \(file {re.escape(str(path))}, rows counted from 0\), "
                                              r"row 30, field 'rejected': expected a string .* got NoneType: None; "
@@ -105,7 +106,7 @@ def test_bad_row_is_named_by_its_row_in_the_file_after_the_hold_out(tmp_path):
 
     rows[30]["rejected"], rows[7]["chosen"] = " bad", None
     path.write_text(jsonl(rows))
-    train, eval_ = data.load_preference_dataset(str(path))
+    train, eval_ = datafiles.load_preference_dataset(str(path))
     assert len(prepare(train)) == 38
     with pytest.raises(data.DataError, match=r"^eval data \(file .*pairs\.jsonl, rows counted from 0\), row 7, "
                                              r"field 'chosen': expected a string"):
@@ -117,7 +118,7 @@ def test_bad_row_in_test_split_names_the_split_and_the_file(tmp_path):
     Arrow, filling in the column, reads as None)."""
     (tmp_path / "train.jsonl").write_text(jsonl([PAIR] * 5))
     (tmp_path / "test.jsonl").write_text(jsonl([PAIR] * 3 + [{"prompt": "the plot is", "chosen": " good"}]))
-    train, eval_ = data.load_preference_dataset(str(tmp_path))
+    train, eval_ = datafiles.load_preference_dataset(str(tmp_path))
     assert len(prepare(train)) == 5
     test_file = re.escape(str(tmp_path / "test.jsonl"))
     with pytest.raises(data.DataError, match=rf"^eval data \(split 'test', file {test_file}, rows counted from 0\), "
@@ -128,7 +129,7 @@ def test_bad_row_in_test_split_names_the_split_and_the_file(tmp_path):
 def test_a_filtered_dataset_is_named_by_position():
     """filter() copies the `origin` attribute (file rows 10, 11, 12) onto a dataset with fewer rows; prepare_dataset
     then ignores it rather than name the bad row (file row 11, now at position 0) as row 10."""
-    dataset = data._with_origin(datasets.Dataset.from_list([PAIR, {**PAIR, "chosen": None}, PAIR]), "file x.jsonl",
+    dataset = datafiles._with_origin(datasets.Dataset.from_list([PAIR, {**PAIR, "chosen": None}, PAIR]), "file x.jsonl",
                                 [10, 11, 12])
     smaller = dataset.filter(lambda row, i: i > 0, with_indices=True)
     with pytest.raises(data.DataError, match=r"^train data \(rows counted from 0\), row 0, field 'chosen'"):
@@ -145,7 +146,7 @@ def test_all_rows_dropped_names_the_split_the_reasons_and_what_to_do(tmp_path):
     ZeroDivisionError."""
     (tmp_path / "train.jsonl").write_text(jsonl([PAIR] * 4))
     (tmp_path / "test.jsonl").write_text(jsonl([PAIR] * 2))
-    train, eval_ = data.load_preference_dataset(str(tmp_path))
+    train, eval_ = datafiles.load_preference_dataset(str(tmp_path))
     with pytest.raises(data.DataError, match=r"^all 2 pairs of the eval dataset \(split 'test', file .*test\.jsonl\) "
                                              r"were dropped \(2 dropped: prompt alone has >= max_length tokens .*\); "
                                              r"raise max_length \(now 3\)"):
@@ -160,4 +161,4 @@ def test_hold_out_that_leaves_no_training_rows(tmp_path):
     (tmp_path / "pairs.jsonl").write_text(jsonl([PAIR]))
     with pytest.raises(data.DataError, match=r"eval_fraction=0.05 of 1 rows leaves no training rows, in file "
                                              r".*pairs\.jsonl; add rows, or set eval_fraction=0"):
-        data.load_preference_dataset(str(tmp_path / "pairs.jsonl"))
+        datafiles.load_preference_dataset(str(tmp_path / "pairs.jsonl"))

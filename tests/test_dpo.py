@@ -12,6 +12,7 @@ import torch
 
 from harness import checkpoints
 import data
+from harness import datafiles
 import dpo
 from harness import options
 from harness.errors import RunError
@@ -56,7 +57,7 @@ def tiny_batch(tiny, n=4):
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny["model"])
-    train, _ = data.load_preference_dataset(tiny["dataset"])
+    train, _ = datafiles.load_preference_dataset(tiny["dataset"])
     examples = data.prepare_dataset(train.select(range(n)), tokenizer, max_length=32, verbose=False)
     return data.collate(examples, data.pad_token_id(tokenizer), 32)
 
@@ -154,7 +155,7 @@ def test_qlora_on_cpu_trains_only_lora_and_the_saved_adapter_reloads(tiny, tmp_p
         elif "lora_B" in k:
             assert not torch.equal(v, after[k]), f"{k} did not train"
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
-    _, eval_rows = data.load_preference_dataset(tiny["dataset"])
+    _, eval_rows = datafiles.load_preference_dataset(tiny["dataset"])
     eval_set = data.prepare_dataset(eval_rows, tokenizer, max_length=32, verbose=False)
     reloaded = dpo.evaluate(cfg, trained, None, eval_set, data.pad_token_id(tokenizer), lambda: torch.autocast("cpu", enabled=False))
     logged = [r for r in records(tmp_path) if "eval_loss" in r][-1]
@@ -296,3 +297,19 @@ def test_full_fine_tuning_imports_neither_peft_nor_bitsandbytes(tiny, tmp_path):
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)})
     assert run.returncode == 0, run.stderr[-3000:]
     assert "imported: []" in run.stdout, run.stdout[-500:]
+
+
+def test_disable_dropout_also_zeroes_the_attention_dropout_rate(tmp_path):
+    """Llama passes config.attention_dropout to SDPA as a float, not through an nn.Dropout: with it at 0.1, two
+    train-mode forwards differ; after --disable_dropout (the default) they are identical."""
+    from tiny import make_model_dir
+
+    path = make_model_dir(tmp_path / "model", attention_dropout=0.1)
+    ids = torch.arange(3, 19)[None]
+    for disable, same in ((False, False), (True, True)):
+        cfg = config({"model": path, "dataset": path}, tmp_path / "out", "--use_peft", "False",
+                     "--disable_dropout", str(disable), "--bf16", "False")
+        model = dpo.load_model(cfg, path, torch.device("cpu"), trainable=True)
+        with torch.no_grad():
+            first, second = (model(input_ids=ids).logits for _ in range(2))
+        assert torch.equal(first, second) == same

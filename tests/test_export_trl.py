@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import data
+from harness import datafiles
 import dpo
 from harness import options
 from harness import export_trl
@@ -112,7 +112,7 @@ def test_local_data_is_written_as_the_rows_this_run_uses(tmp_path, layout):
     cfg = options.parse_args(argv)
     words = shlex.split(export_trl_command(cfg, argv).splitlines()[0])
     assert words[words.index("--dataset_name") + 1] == str(tmp_path / "out" / "trl_dataset")
-    train, evaluation = data.load_preference_dataset(dataset, seed=cfg.seed)  # held out (file) or the test split
+    train, evaluation = datafiles.load_preference_dataset(dataset, seed=cfg.seed)  # held out (file) or the test split
     trl_view = datasets.load_dataset(str(tmp_path / "out" / "trl_dataset"))  # what TRL's script loads
     assert _rows(trl_view["train"]) == _rows(train) and _rows(trl_view["test"]) == _rows(evaluation)
     assert len(evaluation) == (2 if layout == "file" else 6)

@@ -473,15 +473,15 @@ def test_bad_config(kwargs, message):
         check_loss_config(**kwargs)
 
 
-def test_dpo_loss_checks_config_too():
-    """dpo_loss validates its options itself; pair_weights stands for use_weighting."""
-    x = t64([-1.0, -2.0])
+def test_config_is_checked_once_by_check_loss_config():
+    """dpo_loss trusts its options (checked once, before training); check_loss_config refuses the bad ones, beta
+    included, and pair_weights' use_weighting."""
     with pytest.raises(ValueError, match=r"Unknown loss_type \['kto'\]"):
-        dpo_loss(x, x, x, x, loss_type="kto")
+        check_loss_config("kto")
     with pytest.raises(ValueError, match=r"use_weighting .* \['aot_unpaired'\]"):
-        dpo_loss(x, x, x, x, loss_type="aot_unpaired", pair_weights=t64([1.0, 1.0]))
+        check_loss_config("aot_unpaired", use_weighting=True)
     with pytest.raises(ValueError, match=r"beta must be > 0 .*got 0"):
-        dpo_loss(x, x, x, x, beta=0)
+        check_loss_config("sigmoid", beta=0)
 
 
 def test_mismatched_shapes():

@@ -3,6 +3,7 @@ logging_steps, eval_steps and gradient accumulation, the resumed run's metrics.j
 line for line (timing aside), and its final weights are identical."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -98,8 +99,35 @@ def test_a_changed_option_on_resume_is_refused_or_stated(tiny, tmp_path, capsys)
     assert "resume: --learning_rate changed from 0.01 to 0.005: applied from step 2 on" in printed
     config = json.loads((out / "config.json").read_text())
     assert (config["logging_steps"], config["learning_rate"]) == (1, 5e-3)
-    lrs = [r["learning_rate"] for r in records(out) if "loss" in r]  # linear decay to 0 over 4 steps, logged at 2, 3, 4
-    assert lrs == pytest.approx([1e-2 * 2 / 4, 5e-3 * 1 / 4, 0.0])
+    lrs = [r["learning_rate"] for r in records(out) if "loss" in r]  # steps 2, 3, 4's rates: 3/4, 2/4, 1/4
+    assert lrs == pytest.approx([1e-2 * 3 / 4, 5e-3 * 2 / 4, 5e-3 * 1 / 4])
+
+
+def test_latest_after_a_rollback_and_an_interruption_continues_the_rollback(tiny, tmp_path, monkeypatch):
+    """A run saves checkpoint-4, 6, 8 (--save_total_limit 3). Rolled back to checkpoint-4 at a lower learning
+    rate, saving every step and keeping 2, it is interrupted in step 6: checkpoint-5 and 6 are its own,
+    checkpoint-8 the abandoned run's. `--resume_from_checkpoint latest` must continue the rollback
+    (checkpoint-6, not 8), and the run it makes must equal the rollback run uninterrupted; pruning must
+    keep its checkpoint-5 over the stale 8."""
+    out, straight = tmp_path / "run", tmp_path / "straight"
+    first = ["--max_steps", "8", "--save_steps", "2", "--save_total_limit", "3", "--eval_steps", "100"]
+    dpo.main(options.parse_args(argv(tiny, out, *first)))
+    straight.mkdir()
+    shutil.copytree(out / "checkpoint-4", straight / "checkpoint-4")  # the rollback, uninterrupted, elsewhere
+    rollback = [*first[:2], "--save_steps", "1", "--save_total_limit", "2", "--eval_steps", "100",
+                "--learning_rate", "5e-3"]
+    dpo.main(options.parse_args(argv(tiny, straight, *rollback, "--resume_from_checkpoint",
+                                     str(straight / "checkpoint-4"))))
+    interrupt_at_loss_call(monkeypatch, 2)  # in step 6, the rollback's second
+    with pytest.raises(SystemExit, match=r"interrupted \(SIGINT\): saved .*checkpoint-6"):
+        dpo.main(options.parse_args(argv(tiny, out, *rollback, "--resume_from_checkpoint",
+                                         str(out / "checkpoint-4"))))
+    monkeypatch.undo()
+    kept = sorted(p.name for p in out.glob("checkpoint-*"))
+    assert kept == ["checkpoint-5", "checkpoint-6", "checkpoint-8"]
+    dpo.main(options.parse_args(argv(tiny, out, *rollback, "--resume_from_checkpoint", "latest")))
+    assert_same_run(straight, out)
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-7", "checkpoint-8"]
 
 
 def test_a_fresh_run_never_clobbers_a_used_output_dir(tiny, tmp_path):
