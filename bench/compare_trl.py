@@ -4,8 +4,8 @@ This project's DPO loop against TRL 1.16's DPOTrainer: the same model, data and 
     python bench/compare_trl.py                     # the default run: ~8 min on 2 CPU cores
     python bench/compare_trl.py --quick             # smoke run: ~2 min
     python bench/compare_trl.py --device cuda --arch qwen2.5-0.5b --bf16 --max_length 1024   # what gpu_check.sh runs
-    python bench/compare_trl.py --arch smollm2-135m --batch_size 2 --cut_rows --modes full --threads 2 \
-        --prompt_tokens 85 199 --steps 5 --warmup 1 --no_precompute   # a real model's shape (bench/README.md)
+    python bench/compare_trl.py --arch smollm2-135m --batch_size 2 --cut_rows --prompt_tokens 85 199 \
+        --modes full --steps 4 --warmup 1 --no_precompute   # a real model's shape, ~16 min (bench/README.md)
 
 A development tool (it imports trl; the project never does). Everything is built offline in a temporary
 folder: a byte-level BPE tokenizer trained on the preference text, a random model (--arch: a 5.2M-parameter

@@ -5,13 +5,13 @@ fixture.
     python bench/profile_step.py                       # full fine-tuning, 8 pairs, max_length 256, one thread
     python bench/profile_step.py --mode lora --ops 30  # LoRA, and a longer torch.profiler table
     python bench/profile_step.py --arch smollm2-135m --batch_size 2 --cut_rows --prompt_tokens 85 199 \
-        --threads 2 --repeats 2                        # the SmolLM2-135M shape of bench/README.md
+        --repeats 2                                    # the SmolLM2-135M shape of bench/README.md
 
 Prints dpo.py's step split into its parts (reference forward, policy forward, backward, clipping,
 optimizer) in CPU time, with the heap each part holds at its peak; then, for one forward+backward of each
-trainer on the same batch, the torch.profiler operator table and its self time in four groups: the LM head
-(every operator on a vocabulary-wide tensor: the projection, log-softmax and their backward), the decoder's
-matrix products, attention, and the rest.
+trainer on the same batch, the torch.profiler operator table and the CPU time of every operator in four
+groups: the LM head (every operator on a vocabulary-wide tensor: the projection, log-softmax and their
+backward), the decoder's matrix products, attention, and the rest.
 """
 import argparse
 import copy
@@ -149,33 +149,55 @@ def trl(fixture, args):
     return lambda: trainer.compute_loss(trainer.model, batch).backward()
 
 
-def group(event, vocab_widths):
-    """Which part of the step an operator belongs to, by its name and the shapes of its inputs."""
-    name = event.key
-    if "embedding" not in name and any(d in vocab_widths for shape in event.input_shapes for d in shape):
+def group(name, shapes, vocab_widths):
+    """Which part of the step an operator belongs to, by its name and the shapes of its tensors."""
+    if "embedding" not in name and any(d in vocab_widths for shape in shapes for d in shape):
         return "LM head (vocabulary-wide: projection, log-softmax, backward)"
     if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
         return "decoder matrix products"
     if "attention" in name or "softmax" in name:  # sdpa, or the eager path's softmax on [.., T, T]
         return "attention"
-    return "the rest (norms, activations, rotary, copies, autograd)"
+    return "the rest (norms, activations, rotary, copies)"
+
+
+def cpu_time_by_group(step, vocab):
+    """The CPU time (all threads) of every aten operator of one step, summed by group(). The profiler's own
+    times are wall-clock: on a machine shared with other jobs they count the time spent waiting for a core."""
+    from torch.utils._pytree import tree_flatten
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    vocab_widths = {vocab, min(vocab, TRL_VOCAB_TILE), vocab % TRL_VOCAB_TILE} - {0}
+    groups = {}
+
+    class Clock(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            start = time.process_time()
+            out = func(*args, **(kwargs or {}))
+            tensors = tree_flatten((args, kwargs))[0]
+            shapes = [t.shape for t in tensors if isinstance(t, torch.Tensor)]
+            key = group(f"aten::{func.overloadpacket.__name__}", shapes, vocab_widths)
+            groups[key] = groups.get(key, 0.0) + time.process_time() - start
+            return out
+
+    start = time.process_time()
+    with Clock():
+        step()
+    outside = time.process_time() - start - sum(groups.values())
+    groups["outside the operators (Python, autograd engine)"] = outside
+    return groups
 
 
 def profile(name, step, rows, vocab):
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     step()  # warm-up
-    with torch_profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
-    print(f"\n{name}: one forward+backward (no optimizer step), operators by self CPU time")
+    print(f"\n{name}: one forward+backward (no optimizer step), operators by self time (wall-clock)")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
-    vocab_widths = {vocab, min(vocab, TRL_VOCAB_TILE), vocab % TRL_VOCAB_TILE} - {0}
-    groups = {}
-    for event in prof.key_averages(group_by_input_shape=True):
-        key = group(event, vocab_widths)
-        groups[key] = groups.get(key, 0) + event.self_cpu_time_total / 1e6
+    groups = cpu_time_by_group(step, vocab)
     total = sum(groups.values())
-    print(f"{name}: self CPU time by part of the step, {total:.2f} s in all")
+    print(f"{name}: CPU time of one forward+backward by part, {total:.2f} s in all")
     for key, seconds in sorted(groups.items(), key=lambda kv: -kv[1]):
         print(f"  {key:60s} {seconds:7.2f} s  {100 * seconds / total:5.1f}%")
 
